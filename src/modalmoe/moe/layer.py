@@ -1,0 +1,169 @@
+"""``MoELayer``: a router, an expert bank, optional shared experts, and dispatch between them."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from modalmoe.moe.dispatch import (
+    dispatch_combine,
+    expert_capacity,
+    plan_dispatch,
+    soft_dispatch_combine,
+    uniform_routing,
+)
+from modalmoe.moe.experts import ExpertBank, FeedForward
+from modalmoe.moe.losses import aux_losses
+from modalmoe.moe.routers.base import Router
+from modalmoe.moe.types import MoEOutput, RoutingRecord
+
+
+class MoELayer(nn.Module):
+    """A Mixture-of-Experts feed-forward layer.
+
+    Returns the FFN output only (no residual): a token whose every choice is dropped by
+    the capacity limit comes out as 0, so ``x + layer(x).x`` passes it through unchanged.
+
+    Args:
+        router: any registered router.
+        experts: the routed expert bank.
+        shared: always-on experts added to every token's output (DeepSeek-MoE), e.g. a
+            ``FeedForward``; None for none.
+        capacity_factor: None for dropless; a number > 0 caps tokens per expert at
+            ``ceil(capacity_factor * T * k / E)``.
+        uniform: force perfectly balanced routing (benchmarks only: measures the kernel
+            apart from routing imbalance).
+        entropy_threshold: LIMoE's threshold for the global entropy loss (None: none).
+    """
+
+    def __init__(
+        self,
+        *,
+        router: Router,
+        experts: ExpertBank,
+        shared: nn.Module | None = None,
+        capacity_factor: float | None = None,
+        uniform: bool = False,
+        entropy_threshold: float | None = None,
+    ) -> None:
+        super().__init__()
+        if router.num_experts != experts.num_experts:
+            raise ValueError(f"router has {router.num_experts} experts but the bank has {experts.num_experts}")
+        if router.dim != experts.dim:
+            raise ValueError(f"router width {router.dim} != expert width {experts.dim}")
+        expert_capacity(1, 1, 1, capacity_factor)  # validate now, not at the first step
+        self.router, self.experts, self.shared = router, experts, shared
+        self.capacity_factor, self.uniform, self.entropy_threshold = capacity_factor, uniform, entropy_threshold
+
+    def forward(
+        self,
+        x: Tensor,
+        modality: Tensor | None = None,
+        sample: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> MoEOutput:
+        """Route and run the experts.
+
+        Args:
+            x: [T, D] or [B, N, D] tokens.
+            modality: modality id per token, shaped like ``x`` without D (default: all 0).
+            sample: sample id per token (default: the row of a [B, N, D] input, else all 0).
+            mask: True for real tokens (default: all); padding is neither routed nor recorded,
+                and comes out as 0.
+
+        Returns:
+            ``MoEOutput`` with ``x`` shaped like the input.
+        """
+        shape, dim = x.shape, x.shape[-1]
+        lead = shape[:-1]
+        if modality is None:
+            modality = torch.zeros(lead, dtype=torch.long, device=x.device)
+        if sample is None:
+            sample = (
+                torch.arange(shape[0], device=x.device).unsqueeze(-1).expand(lead)
+                if x.dim() == 3
+                else torch.zeros(lead, dtype=torch.long, device=x.device)
+            )
+        for name, t in (("modality", modality), ("sample", sample), ("mask", mask)):
+            if t is not None and t.shape != lead:
+                raise ValueError(f"{name} must have shape {tuple(lead)} (x without its last dim), got {tuple(t.shape)}")
+        tokens, modality, sample = x.reshape(-1, dim), modality.reshape(-1), sample.reshape(-1)
+        keep = None if mask is None else mask.reshape(-1).nonzero().squeeze(-1)
+        if keep is not None:
+            tokens, modality, sample = tokens[keep], modality[keep], sample[keep]
+
+        routing = self.router(tokens, modality, sample)
+        if self.uniform:
+            if routing.soft is not None or routing.valid is not None:
+                raise ValueError("uniform=True forces token-choice assignments; it does not apply to soft or expert-choice routers")
+            routing = uniform_routing(routing)
+        valid = routing.valid if routing.valid is not None else torch.ones_like(routing.expert_index, dtype=torch.bool)
+        if routing.soft is not None:
+            y, capacity = soft_dispatch_combine(tokens, routing.soft, self.experts), None
+            dropped = torch.zeros_like(valid)
+        else:
+            capacity = expert_capacity(tokens.shape[0], routing.expert_index.shape[1], self.experts.num_experts, self.capacity_factor)
+            plan = plan_dispatch(routing.expert_index, self.experts.num_experts, valid=routing.valid, capacity=capacity)
+            y, dropped = dispatch_combine(tokens, routing.weight, plan, self.experts), plan.dropped
+        if self.shared is not None:
+            y = y + self.shared(tokens)
+
+        record = RoutingRecord(
+            expert_index=routing.expert_index,
+            weight=routing.weight,
+            probs=routing.probs,
+            logits=routing.logits,
+            modality=modality,
+            sample=sample,
+            dropped=dropped,
+            valid=valid,
+            num_experts=self.experts.num_experts,
+            capacity=capacity,
+        )
+        if keep is not None:
+            y = x.new_zeros(x.shape[:-1].numel(), dim).index_copy(0, keep, y)
+        return MoEOutput(
+            x=y.view(shape),
+            aux_losses=aux_losses(record, entropy_threshold=self.entropy_threshold),
+            record=record,
+        )
+
+
+def build_moe_layer(
+    *,
+    dim: int,
+    hidden: int,
+    num_experts: int,
+    router: str = "token_choice",
+    activation: str = "swiglu",
+    shared_experts: int = 0,
+    capacity_factor: float | None = None,
+    uniform: bool = False,
+    entropy_threshold: float | None = None,
+    **router_kwargs,
+) -> MoELayer:
+    """Component builder: an ``MoELayer`` from plain parameters.
+
+    Args:
+        dim: token width D.
+        hidden: width F of each expert.
+        num_experts: E routed experts.
+        router: a name in ``modalmoe.moe.routers`` (its own arguments go in ``router_kwargs``,
+            e.g. ``k=2``, ``modalities=("image", "text")``).
+        activation: "gelu" or "swiglu".
+        shared_experts: number of always-on experts of width F (DeepSeek-MoE), run as one
+            dense FFN of width ``shared_experts * F``.
+        capacity_factor, uniform, entropy_threshold: see ``MoELayer``.
+    """
+    from modalmoe.moe.routers import routers  # the registry; imported here to keep import order simple
+
+    if shared_experts < 0:
+        raise ValueError(f"shared_experts must be >= 0, got {shared_experts}")
+    return MoELayer(
+        router=routers.create(router, dim=dim, num_experts=num_experts, **router_kwargs),
+        experts=ExpertBank(num_experts=num_experts, dim=dim, hidden=hidden, activation=activation),
+        shared=FeedForward(dim=dim, hidden=hidden * shared_experts, activation=activation) if shared_experts else None,
+        capacity_factor=capacity_factor,
+        uniform=uniform,
+        entropy_threshold=entropy_threshold,
+    )

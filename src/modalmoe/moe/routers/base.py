@@ -1,0 +1,90 @@
+"""What every router shares: argument checks, the gating functions and jitter noise.
+
+The router contract: ``(x [T, D], modality [T], sample [T]) -> Routing``. Routers never
+touch expert weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+GATINGS = ("softmax", "sigmoid", "laplace")
+
+
+class Router(nn.Module):
+    """Base class: holds E and k and checks them.
+
+    Args:
+        dim: token width D.
+        num_experts: E.
+        k: experts per token.
+    """
+
+    def __init__(self, *, dim: int, num_experts: int, k: int) -> None:
+        super().__init__()
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        if not 1 <= k <= num_experts:
+            raise ValueError(f"k must be between 1 and num_experts={num_experts}, got k={k}")
+        self.dim, self.num_experts, self.k = dim, num_experts, k
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_experts={self.num_experts}, k={self.k}"
+
+
+def check_gating(gating: str) -> None:
+    if gating not in GATINGS:
+        raise ValueError(f"unknown gating {gating!r}; choose one of {GATINGS}")
+
+
+def jitter(x: Tensor, eps: float, training: bool) -> Tensor:
+    """Switch Transformer's router noise: multiply inputs by U(1-eps, 1+eps) in training."""
+    if not training or eps <= 0:
+        return x
+    return x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
+
+
+def laplace_logits(x: Tensor, keys: Tensor) -> Tensor:
+    """FuseMoE's Laplace gating: logits are negative distances to expert keys.
+
+    x: [T, D], keys: [E, D] -> [T, E].
+    """
+    return -torch.cdist(x, keys)
+
+
+def top_k_gating(logits: Tensor, k: int, *, gating: str = "softmax", normalize: bool = True):
+    """Top-k choice from router logits.
+
+    Args:
+        logits: [T, E]. For Laplace gating, pass ``laplace_logits`` and ``gating="laplace"``.
+        k: experts per token.
+        gating: "softmax" (and "laplace": a softmax over negative distances) or "sigmoid"
+            (independent scores, as in DeepSeek-V3).
+        normalize: rescale the k chosen weights to sum to 1 (Mixtral); False keeps raw
+            probabilities (Switch, GShard with k=1).
+
+    Returns:
+        (expert_index [T, k], weight [T, k], probs [T, E]); probs rows sum to 1.
+    """
+    if gating == "sigmoid":
+        scores = torch.sigmoid(logits)
+        probs = scores / scores.sum(-1, keepdim=True)
+    else:
+        scores = probs = F.softmax(logits, dim=-1, dtype=torch.float32).to(logits.dtype)
+    weight, index = torch.topk(scores, k, dim=-1)
+    if normalize:
+        weight = weight / weight.sum(-1, keepdim=True).clamp_min(torch.finfo(weight.dtype).tiny)
+    return index, weight, probs
+
+
+def check_modality_ids(modality: Tensor, num_modalities: int) -> None:
+    """Modality ids must index the router's declared modalities."""
+    if modality.numel() and (int(modality.min()) < 0 or int(modality.max()) >= num_modalities):
+        raise ValueError(
+            f"modality ids must be in [0, {num_modalities}) for this router's {num_modalities} modalities, "
+            f"got values in [{int(modality.min())}, {int(modality.max())}]"
+        )

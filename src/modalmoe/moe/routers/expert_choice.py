@@ -1,0 +1,59 @@
+"""Expert-choice routing (Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing").
+
+Each expert picks its top-C tokens, ``C = ceil(T * capacity_factor / E)``; a token may be
+taken by 0 to E experts. Load is balanced by construction and nothing is dropped by a
+capacity limit, but a token taken by no expert gets no FFN update (only the residual).
+
+This router mixes information across the batch: which tokens an expert takes depends on
+every other token routed in the same call, so a sample's output depends on the rest of the
+batch, and inference with a different batch (or batch size) routes differently. Route
+per sample (one call per sample) where that matters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from modalmoe.moe.routers import routers
+from modalmoe.moe.routers.base import Router
+from modalmoe.moe.types import Routing
+
+
+@routers.register("expert_choice")
+class ExpertChoiceRouter(Router):
+    """Each expert chooses its top-C tokens.
+
+    Args:
+        dim: token width D.
+        num_experts: E.
+        capacity_factor: average experts per token; C = ceil(T * capacity_factor / E).
+        k: ignored beyond validation; expert choice decides per expert (kept for a uniform API).
+    """
+
+    def __init__(self, *, dim: int, num_experts: int, capacity_factor: float = 2.0, k: int = 1) -> None:
+        super().__init__(dim=dim, num_experts=num_experts, k=k)
+        if isinstance(capacity_factor, bool) or not capacity_factor > 0:
+            raise ValueError(f"expert_choice capacity_factor must be > 0, got {capacity_factor}")
+        self.capacity_factor = float(capacity_factor)
+        self.weight = nn.Parameter(torch.empty(num_experts, dim))
+        nn.init.normal_(self.weight, std=1 / math.sqrt(dim))
+
+    def capacity(self, num_tokens: int) -> int:
+        """C, the tokens each expert takes out of ``num_tokens``."""
+        return min(num_tokens, max(1, math.ceil(num_tokens * self.capacity_factor / self.num_experts)))
+
+    def forward(self, x: Tensor, modality: Tensor, sample: Tensor) -> Routing:
+        """x: [T, D] -> Routing with expert_index [T, E] (column e is expert e) and valid [T, E]."""
+        num_tokens = x.shape[0]
+        logits = x @ self.weight.t()
+        probs = F.softmax(logits, dim=-1)
+        taken = torch.zeros_like(probs, dtype=torch.bool)
+        if num_tokens:
+            chosen = torch.topk(probs, self.capacity(num_tokens), dim=0).indices  # [C, E]
+            taken.scatter_(0, chosen, True)
+        index = torch.arange(self.num_experts, device=x.device).expand(num_tokens, -1)
+        return Routing(expert_index=index, weight=probs * taken, probs=probs, logits=logits, valid=taken)
