@@ -4,7 +4,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modalmoe.moe import ExpertBank, FeedForward, GroupedLayout, MoELayer, build_moe_layer, grouped_ffn, routers
+from modalmoe.moe import (
+    ExpertBank,
+    FeedForward,
+    GroupedLayout,
+    MoELayer,
+    build_moe_layer,
+    grouped_ffn,
+    grouped_gemm,
+    routers,
+)
 
 D, H = 16, 24
 
@@ -76,10 +85,16 @@ def test_dropless_dispatch_equals_naive_loop(name, activation):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [None, 0, 3, 50])
+@pytest.mark.parametrize(
+    ("backend", "rows"), [("mkl", None), ("blocks", None), ("blocks", 0), ("blocks", 3), ("blocks", 50)]
+)
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-def test_grouped_kernel_every_layout_matches_per_expert_matmuls(rows, activation):
-    """The padded block, the tails and the pure loop all give the same numbers and gradients."""
+def test_grouped_kernel_every_backend_matches_per_expert_matmuls(backend, rows, activation, monkeypatch):
+    """MKL's grouped GEMM, the padded block, its tails and the pure loop all agree."""
+    if backend == "mkl" and not grouped_gemm.available(torch.ones(1)):
+        pytest.skip("this PyTorch build does not export MKL's cblas_sgemm_batch")
+    if backend == "blocks":
+        monkeypatch.setattr(grouped_gemm, "available", lambda *t: False)
     torch.manual_seed(2)
     bank = ExpertBank(num_experts=5, dim=D, hidden=H, activation=activation)
     counts = [0, 7, 2, 11, 4]
@@ -101,10 +116,11 @@ def test_grouped_kernel_every_layout_matches_per_expert_matmuls(rows, activation
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_layout_cost_model_picks_block_for_balanced_and_loop_tail_for_skew():
-    assert GroupedLayout.plan([64] * 8).regular
-    skewed = GroupedLayout.plan([500, 10, 12, 9, 11, 10, 8, 10])
-    assert skewed.rows < 500 and any(e == 0 for e, _, _ in skewed.tails)
+def test_fallback_layout_cost_model_picks_block_for_balanced_and_tail_for_skew():
+    balanced = GroupedLayout.plan([64] * 8).blocks
+    assert balanced.rows == 64 and balanced.head_rows is None and not balanced.tails
+    skewed = GroupedLayout.plan([500, 10, 12, 9, 11, 10, 8, 10]).blocks
+    assert skewed.rows < 500 and [e for e, _, _ in skewed.tails] == [0]
 
 
 def test_gradients_reach_router_weights():

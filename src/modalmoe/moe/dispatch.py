@@ -93,7 +93,7 @@ def plan_dispatch(
     token = order % num_tokens
     choice = token * k + order // num_tokens
     dropped = dropped_flat.view(k, num_tokens).t()
-    layout = GroupedLayout.plan(counts.tolist(), device=expert_index.device)
+    layout = GroupedLayout.plan(counts.tolist())
     return DispatchPlan(token=token, choice=choice, counts=counts, dropped=dropped, layout=layout)
 
 

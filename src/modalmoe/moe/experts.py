@@ -2,11 +2,11 @@
 
 Tokens arrive sorted by expert (``counts[e]`` contiguous rows per expert). On a CPU, a
 matmul over the 32-128 rows an expert typically gets runs well below the GEMM rate, and a
-per-expert loop pays that on every call. The kernel therefore runs one batched matmul over
-``[E, P, D]``: the first ``P`` rows of every expert, zero-padded where an expert has fewer,
-and a per-expert matmul only for the "tail" rows of experts that have more than ``P``.
-``P`` is chosen per step from the counts by a small cost model (``GroupedLayout.plan``):
-balanced routing becomes one ``bmm`` with no padding, skewed routing a short loop.
+per-expert loop pays that on every call. The kernel runs each of the FFN's matmuls as one
+grouped GEMM (MKL's ``cblas_?gemm_batch``, see ``grouped_gemm.py``) over unpadded rows.
+Where that is unavailable it falls back to one ``bmm`` over ``[E, P, D]`` (the first ``P``
+rows of every expert, zero-padded) plus a matmul per expert for the rows beyond ``P``, with
+``P`` chosen per step by a small cost model (``GroupedLayout.blocks``).
 
 The forward and backward are written by hand (``_GroupedFFN``) so that weight gradients are
 written straight into one ``[E, ...]`` tensor, with no per-expert slices of the stacked
@@ -16,12 +16,15 @@ and so that only the input and the pre-activation are kept for backward.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from modalmoe.moe import grouped_gemm
 
 ACTIVATIONS = ("gelu", "swiglu")
 
@@ -32,22 +35,36 @@ TAIL_CALL_ROWS = 32
 
 
 @dataclass(frozen=True)
-class GroupedLayout:
-    """How ``A`` expert-sorted rows are laid out for the kernel.
+class _Blocks:
+    """The padded-block layout of the fallback kernel (see ``GroupedLayout.blocks``)."""
 
-    Attributes:
-        counts: rows per expert (length E).
-        rows: padded rows per expert in the batched matmul (P).
-        head_rows: [H] sorted-row indices that go to the padded block (None: all rows, in order).
-        head_slots: [H] their slot in the flattened ``[E * P]`` block (None: identity).
-        tails: ``(expert, start, stop)`` row ranges handled by a per-expert matmul.
-    """
-
-    counts: tuple[int, ...]
     rows: int
     head_rows: Tensor | None
     head_slots: Tensor | None
     tails: tuple[tuple[int, int, int], ...]
+
+
+@dataclass(frozen=True)
+class GroupedLayout:
+    """How ``A`` expert-sorted rows are laid out for the kernel.
+
+    Attributes:
+        counts: rows per expert (length E); expert e owns the next ``counts[e]`` rows.
+        rows: force the fallback's padded height P (None: chosen by its cost model).
+    """
+
+    counts: tuple[int, ...]
+    rows: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "counts", tuple(int(c) for c in self.counts))
+        if any(c < 0 for c in self.counts):
+            raise ValueError(f"expert row counts must be >= 0, got {list(self.counts)}")
+
+    @classmethod
+    def plan(cls, counts, *, rows: int | None = None) -> GroupedLayout:
+        """Lay out rows sorted by expert, ``counts[e]`` rows for expert ``e``."""
+        return cls(tuple(counts), rows)
 
     @property
     def num_experts(self) -> int:
@@ -57,71 +74,50 @@ class GroupedLayout:
     def num_rows(self) -> int:
         return sum(self.counts)
 
-    @property
-    def regular(self) -> bool:
-        """True when every expert has exactly ``rows`` rows: the block is a view, no copies."""
-        return self.head_rows is None
-
     @staticmethod
-    def choose_rows(counts: list[int], call_rows: int = TAIL_CALL_ROWS) -> int:
+    def choose_rows(counts: tuple[int, ...], call_rows: int = TAIL_CALL_ROWS) -> int:
         """The padded height P minimising ``E*P + sum over tails of (c - P + call_rows)``."""
-        num_experts = len(counts)
         best_rows, best_cost = 0, math.inf
         for rows in {0, *counts}:
-            tail = sum(c - rows + call_rows for c in counts if c > rows)
-            cost = num_experts * rows + tail
+            cost = len(counts) * rows + sum(c - rows + call_rows for c in counts if c > rows)
             if cost < best_cost or (cost == best_cost and rows > best_rows):
                 best_rows, best_cost = rows, cost
         return best_rows
 
-    @classmethod
-    def plan(cls, counts: list[int], *, rows: int | None = None, device: torch.device | None = None) -> GroupedLayout:
-        """Lay out rows sorted by expert, ``counts[e]`` rows for expert ``e``.
-
-        Args:
-            counts: rows per expert.
-            rows: force the padded height P (None: choose by the cost model; 0: pure loop).
-            device: device of the index tensors.
-        """
-        counts = [int(c) for c in counts]
-        if any(c < 0 for c in counts):
-            raise ValueError(f"expert row counts must be >= 0, got {counts}")
-        rows = cls.choose_rows(counts) if rows is None else int(rows)
-        if all(c == rows for c in counts):
-            return cls(tuple(counts), rows, None, None, ())
-        head_rows, head_slots, tails = [], [], []
-        start = 0
-        for expert, count in enumerate(counts):
+    @functools.cached_property
+    def blocks(self) -> _Blocks:
+        """Fallback layout: the first P rows of every expert in one zero-padded ``[E, P]`` block
+        for a batched matmul, the rest ("tails") per expert. Built only when used."""
+        rows = self.choose_rows(self.counts) if self.rows is None else int(self.rows)
+        if all(c == rows for c in self.counts):
+            return _Blocks(rows, None, None, ())
+        head_rows, head_slots, tails, start = [], [], [], 0
+        for expert, count in enumerate(self.counts):
             head = min(count, rows)
-            if head:
-                head_rows.append(torch.arange(start, start + head, device=device))
-                head_slots.append(torch.arange(expert * rows, expert * rows + head, device=device))
+            head_rows.append(torch.arange(start, start + head))
+            head_slots.append(torch.arange(expert * rows, expert * rows + head))
             if count > rows:
                 tails.append((expert, start + rows, start + count))
             start += count
-        empty = torch.empty(0, dtype=torch.long, device=device)
-        return cls(
-            tuple(counts),
-            rows,
-            torch.cat(head_rows) if head_rows else empty,
-            torch.cat(head_slots) if head_slots else empty,
-            tuple(tails),
-        )
+        return _Blocks(rows, torch.cat(head_rows), torch.cat(head_slots), tuple(tails))
 
     def to_blocks(self, x: Tensor) -> Tensor:
         """x: [A, C] sorted rows -> [E, P, C] zero-padded block (the tail rows left out)."""
-        if self.regular:
-            return x.view(self.num_experts, self.rows, x.shape[-1])
-        block = x.new_zeros(self.num_experts * self.rows, x.shape[-1])
-        block.index_copy_(0, self.head_slots, x.index_select(0, self.head_rows))
-        return block.view(self.num_experts, self.rows, x.shape[-1])
+        b = self.blocks
+        if b.head_rows is None:
+            return x.view(self.num_experts, b.rows, x.shape[-1])
+        block = x.new_zeros(self.num_experts * b.rows, x.shape[-1])
+        block.index_copy_(0, b.head_slots.to(x.device), x.index_select(0, b.head_rows.to(x.device)))
+        return block.view(self.num_experts, b.rows, x.shape[-1])
 
     def from_blocks(self, block: Tensor, out: Tensor) -> Tensor:
         """block: [E, P, C] -> writes the head rows of ``out`` [A, C]; returns ``out``."""
-        if self.regular:
+        b = self.blocks
+        if b.head_rows is None:
             out.copy_(block.reshape(out.shape))
-        elif self.head_rows.numel():
-            out.index_copy_(0, self.head_rows, block.reshape(-1, block.shape[-1]).index_select(0, self.head_slots))
+        elif b.head_rows.numel():
+            rows = block.reshape(-1, block.shape[-1]).index_select(0, b.head_slots.to(out.device))
+            out.index_copy_(0, b.head_rows.to(out.device), rows)
         return out
 
 
@@ -146,29 +142,61 @@ def _activate_backward(grad: Tensor, h: Tensor, activation: str) -> Tensor:
 
 
 class _GroupedFFN(torch.autograd.Function):
-    """y[rows of e] = act(x[rows of e] @ w_in[e]) @ w_out[e] for every expert e."""
+    """y[rows of e] = act(x[rows of e] @ w_in[e]) @ w_out[e] for every expert e.
+
+    Saves only x and the pre-activation h; the activation is recomputed in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w_in: Tensor, w_out: Tensor, layout: GroupedLayout, activation: str) -> Tensor:
+        ctx.layout, ctx.activation = layout, activation
+        ctx.grouped = grouped_gemm.available(x, w_in, w_out)
+        if ctx.grouped:
+            h = grouped_gemm.grouped_mm(x, w_in, layout.counts)
+            ctx.save_for_backward(x, h, w_in, w_out)
+            return grouped_gemm.grouped_mm(_activate(h, activation), w_out, layout.counts)
+        return _BlockKernel.forward(ctx, x, w_in, w_out, layout, activation)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        layout, activation = ctx.layout, ctx.activation
+        grad_y = grad_y.contiguous()
+        if not ctx.grouped:
+            return (*_BlockKernel.backward(ctx, grad_y), None, None)
+        x, h, w_in, w_out = ctx.saved_tensors
+        counts = layout.counts
+        grad_w_out = grouped_gemm.grouped_weight_grad(_activate(h, activation), grad_y, counts)
+        grad_a = grouped_gemm.grouped_mm(grad_y, w_out, counts, transpose_w=True)
+        grad_h = _activate_backward(grad_a, h, activation)
+        del grad_a
+        grad_w_in = grouped_gemm.grouped_weight_grad(x, grad_h, counts)
+        grad_x = grouped_gemm.grouped_mm(grad_h, w_in, counts, transpose_w=True)
+        return grad_x, grad_w_in, grad_w_out, None, None
+
+
+class _BlockKernel:
+    """Fallback where MKL's grouped GEMM is missing (non-x86 builds, other dtypes, GPUs):
+    one ``bmm`` over the padded block of ``layout.blocks`` plus a matmul per tail."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w_in: Tensor, w_out: Tensor, layout: GroupedLayout, activation: str) -> Tensor:
         y = x.new_empty(x.shape[0], w_out.shape[-1])
         x_block = layout.to_blocks(x)
-        h_block = torch.bmm(x_block, w_in) if layout.rows else None
+        h_block = torch.bmm(x_block, w_in) if layout.blocks.rows else None
         if h_block is not None:
             layout.from_blocks(torch.bmm(_activate(h_block, activation), w_out), y)
         tails = []
-        for expert, start, stop in layout.tails:
+        for expert, start, stop in layout.blocks.tails:
             h = x[start:stop] @ w_in[expert]
             torch.mm(_activate(h, activation), w_out[expert], out=y[start:stop])
             tails.append(h)
-        ctx.layout, ctx.activation = layout, activation
         ctx.save_for_backward(x, x_block, h_block, w_in, w_out, *tails)
         return y
 
     @staticmethod
-    def backward(ctx, grad_y: Tensor):
+    def backward(ctx, grad_y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         layout, activation = ctx.layout, ctx.activation
         x, x_block, h_block, w_in, w_out, *tails = ctx.saved_tensors
-        grad_y = grad_y.contiguous()
         grad_x = torch.empty_like(x)
         if h_block is not None:
             g_block = layout.to_blocks(grad_y)
@@ -179,13 +207,13 @@ class _GroupedFFN(torch.autograd.Function):
             layout.from_blocks(torch.bmm(grad_h, w_in.transpose(1, 2)), grad_x)
         else:
             grad_w_in, grad_w_out = torch.zeros_like(w_in), torch.zeros_like(w_out)
-        for (expert, start, stop), h in zip(layout.tails, tails, strict=True):
+        for (expert, start, stop), h in zip(layout.blocks.tails, tails, strict=True):
             g = grad_y[start:stop]
             grad_w_out[expert].addmm_(_activate(h, activation).t(), g)
             grad_h = _activate_backward(g @ w_out[expert].t(), h, activation)
             grad_w_in[expert].addmm_(x[start:stop].t(), grad_h)
             torch.mm(grad_h, w_in[expert].t(), out=grad_x[start:stop])
-        return grad_x, grad_w_in, grad_w_out, None, None
+        return grad_x, grad_w_in, grad_w_out
 
 
 def grouped_ffn(x: Tensor, w_in: Tensor, w_out: Tensor, layout: GroupedLayout, activation: str) -> Tensor:
@@ -203,7 +231,7 @@ def grouped_ffn(x: Tensor, w_in: Tensor, w_out: Tensor, layout: GroupedLayout, a
     """
     if x.shape[0] != layout.num_rows:
         raise ValueError(f"layout covers {layout.num_rows} rows but x has {x.shape[0]}")
-    return _GroupedFFN.apply(x.contiguous(), w_in, w_out, layout, activation)
+    return _GroupedFFN.apply(x.contiguous(), w_in.contiguous(), w_out.contiguous(), layout, activation)
 
 
 def _check_activation(activation: str) -> None:

@@ -95,14 +95,18 @@ class MoELayer(nn.Module):
         routing = self.router(tokens, modality, sample)
         if self.uniform:
             if routing.soft is not None or routing.valid is not None:
-                raise ValueError("uniform=True forces token-choice assignments; it does not apply to soft or expert-choice routers")
+                raise ValueError(
+                    "uniform=True forces token-choice assignments; it does not apply to soft or expert-choice routers"
+                )
             routing = uniform_routing(routing)
         valid = routing.valid if routing.valid is not None else torch.ones_like(routing.expert_index, dtype=torch.bool)
         if routing.soft is not None:
             y, capacity = soft_dispatch_combine(tokens, routing.soft, self.experts), None
             dropped = torch.zeros_like(valid)
         else:
-            capacity = expert_capacity(tokens.shape[0], routing.expert_index.shape[1], self.experts.num_experts, self.capacity_factor)
+            capacity = expert_capacity(
+                tokens.shape[0], routing.expert_index.shape[1], self.experts.num_experts, self.capacity_factor
+            )
             plan = plan_dispatch(routing.expert_index, self.experts.num_experts, valid=routing.valid, capacity=capacity)
             y, dropped = dispatch_combine(tokens, routing.weight, plan, self.experts), plan.dropped
         if self.shared is not None:
