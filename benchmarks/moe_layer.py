@@ -11,7 +11,7 @@ median of ``--repeats`` runs after warm-up:
 It prints ``ours/dense`` and ``loop/ours``, the share of our time spent outside the expert
 matmuls (router, sort, gather, combine), and peak working memory of forward+backward
 (activations and temporaries; parameters and their gradients excluded, since E experts
-have E times the dense FFN's weights by design), and writes JSON with ``--json PATH``.
+have E times the dense FFN's weights by design; see ``peak_working_memory``), and writes JSON with ``--json PATH``.
 
     python benchmarks/moe_layer.py --quick
     python benchmarks/moe_layer.py --json results/moe_layer.json
@@ -26,10 +26,13 @@ import statistics
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from modalmoe.moe import FeedForward, build_moe_layer
 from modalmoe.moe.dispatch import plan_dispatch
@@ -119,20 +122,52 @@ def expert_matmul_step(layer, x: torch.Tensor, backward: bool):
     return step
 
 
-def peak_working_memory(step) -> float | None:
-    """Peak MiB of activations and temporaries during one step (parameters and gradients
-    excluded), from torch's own MemTracker; None where it is unavailable."""
-    try:
-        from torch.distributed._tools.mem_tracker import MemTracker
-    except ImportError:
-        return None
-    tracker = MemTracker()
+class _LiveBytes(TorchDispatchMode):
+    """Logs every storage that an op creates and when it is freed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[int, int]] = []  # (uid, +bytes or -bytes) in time order
+        self.uid_of_ptr: dict[int, int] = {}
+
+    def _free(self, uid: int, ptr: int, nbytes: int) -> None:
+        self.events.append((uid, -nbytes))
+        if self.uid_of_ptr.get(ptr) == uid:
+            del self.uid_of_ptr[ptr]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                storage = t.untyped_storage()
+                ptr, nbytes = storage.data_ptr(), storage.nbytes()
+                if ptr in self.uid_of_ptr or nbytes == 0:
+                    continue
+                uid = len(self.events)
+                self.uid_of_ptr[ptr] = uid
+                self.events.append((uid, nbytes))
+                weakref.finalize(storage, self._free, uid, ptr, nbytes)
+        return out
+
+
+def peak_working_memory(step, module: nn.Module) -> float:
+    """Peak MiB of activations and temporaries during one step.
+
+    Every storage created during the step counts from its creation to its release, except
+    those that end up as parameter gradients: E experts have E times the dense FFN's
+    weights and gradients by design, and that is not what dispatch should be judged on.
+    """
+    tracker = _LiveBytes()
     with tracker:
         step()
-    snapshot = tracker.get_tracker_snapshot("peak")
-    cpu = next(iter(snapshot.values()))
-    excluded = sum(v for kind, v in cpu.items() if str(kind).endswith(("PARAM", "GRAD", "BUFFER")))
-    return (cpu["Total"] - excluded) / 2**20
+    grads = {p.grad.untyped_storage().data_ptr() for p in module.parameters() if p.grad is not None}
+    excluded = {uid for ptr, uid in tracker.uid_of_ptr.items() if ptr in grads}
+    live = peak = 0
+    for uid, delta in tracker.events:
+        if uid not in excluded:
+            live += delta
+            peak = max(peak, live)
+    return peak / 2**20
 
 
 def time_interleaved(steps: dict, repeats: int, warmup: int) -> dict[str, float]:
@@ -171,8 +206,8 @@ def run_case(case: dict, args) -> dict:
         "threads": torch.get_num_threads(),
     }
     if backward and not args.no_memory:
-        mem_ours, mem_dense = peak_working_memory(steps["ours"]), peak_working_memory(steps["dense"])
-        if mem_ours is not None and mem_dense:
+        mem_ours, mem_dense = peak_working_memory(steps["ours"], ours), peak_working_memory(steps["dense"], dense)
+        if mem_dense:
             record.update(
                 ours_peak_mib=round(mem_ours, 1),
                 dense_peak_mib=round(mem_dense, 1),

@@ -99,19 +99,20 @@ def test_grouped_kernel_every_backend_matches_per_expert_matmuls(backend, rows, 
     bank = ExpertBank(num_experts=5, dim=D, hidden=H, activation=activation)
     counts = [0, 7, 2, 11, 4]
     x = torch.randn(sum(counts), D, requires_grad=True)
+    gate = torch.rand(sum(counts), requires_grad=True)
     layout = GroupedLayout.plan(counts, rows=rows)
-    y = grouped_ffn(x, bank.w_in, bank.w_out, layout, activation)
+    y = grouped_ffn(x, bank.w_in, bank.w_out, layout, activation, gate)
     ref, start = [], 0
     for e, c in enumerate(counts):
         h = x[start : start + c] @ bank.w_in[e]
         a = F.silu(h.chunk(2, -1)[0]) * h.chunk(2, -1)[1] if activation == "swiglu" else F.gelu(h)
         ref.append(a @ bank.w_out[e])
         start += c
-    ref = torch.cat(ref)
+    ref = torch.cat(ref) * gate.unsqueeze(-1)
     torch.testing.assert_close(y, ref)
     g = torch.randn_like(y)
-    got = torch.autograd.grad(y, [x, bank.w_in, bank.w_out], g)
-    want = torch.autograd.grad(ref, [x, bank.w_in, bank.w_out], g)
+    got = torch.autograd.grad(y, [x, gate, bank.w_in, bank.w_out], g)
+    want = torch.autograd.grad(ref, [x, gate, bank.w_in, bank.w_out], g)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 

@@ -127,8 +127,8 @@ def dispatch_combine(x: Tensor, weight: Tensor, plan: DispatchPlan, experts: Exp
         [T, D]: ``sum_j weight[t, j] * expert_{e_tj}(x[t])`` over kept choices; 0 for a token
         whose every choice was dropped.
     """
-    y = experts(x.index_select(0, plan.token), plan.layout)
-    y = y * weight.reshape(-1).index_select(0, plan.choice).unsqueeze(-1).to(y.dtype)
+    gate = weight.reshape(-1).index_select(0, plan.choice)
+    y = experts(x.index_select(0, plan.token), plan.layout, gate)
     return torch.zeros_like(x).index_add_(0, plan.token, y)
 
 

@@ -129,9 +129,15 @@ def _activate(h: Tensor, activation: str) -> Tensor:
     return F.silu(gate) * up
 
 
-def _activate_backward(grad: Tensor, h: Tensor, activation: str) -> Tensor:
-    """Gradient of ``_activate`` w.r.t. ``h``; grad: [..., F]."""
+def _activate_backward(grad: Tensor, h: Tensor, activation: str, reuse_grad: bool = False) -> Tensor:
+    """Gradient of ``_activate`` w.r.t. ``h``; grad: [..., F].
+
+    With ``reuse_grad`` (GELU only, where the shapes match) the result overwrites ``grad``,
+    saving one [A, F] buffer; elementwise kernels allow an output that is exactly an input.
+    """
     if activation == "gelu":
+        if reuse_grad:
+            return torch.ops.aten.gelu_backward.grad_input(grad, h, grad_input=grad)
         return torch.ops.aten.gelu_backward(grad, h)
     gate, up = h.chunk(2, dim=-1)
     out = torch.empty_like(h)
@@ -142,39 +148,50 @@ def _activate_backward(grad: Tensor, h: Tensor, activation: str) -> Tensor:
 
 
 class _GroupedFFN(torch.autograd.Function):
-    """y[rows of e] = act(x[rows of e] @ w_in[e]) @ w_out[e] for every expert e.
+    """y[rows of e] = gate * (act(x[rows of e] @ w_in[e]) @ w_out[e]), by MKL grouped GEMMs.
 
-    Saves only x and the pre-activation h; the activation is recomputed in backward.
+    The gate weight is applied inside so the unweighted expert output is never kept: its
+    gradient is ``rowsum(a * (grad_y @ w_out.T))``, built from tensors backward has anyway.
+    Keeps x, the pre-activation h and the activation a, as autograd does for a dense FFN;
+    h and a are held on ``ctx`` rather than saved so backward can free each one as soon as
+    it is used, as autograd does node by node (this keeps peak memory at the dense level).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, w_in: Tensor, w_out: Tensor, layout: GroupedLayout, activation: str) -> Tensor:
-        ctx.layout, ctx.activation = layout, activation
-        ctx.grouped = grouped_gemm.available(x, w_in, w_out)
-        if ctx.grouped:
-            h = grouped_gemm.grouped_mm(x, w_in, layout.counts)
-            ctx.save_for_backward(x, h, w_in, w_out)
-            return grouped_gemm.grouped_mm(_activate(h, activation), w_out, layout.counts)
-        return _BlockKernel.forward(ctx, x, w_in, w_out, layout, activation)
+    def forward(ctx, x, w_in, w_out, gate, layout: GroupedLayout, activation: str) -> Tensor:
+        counts = layout.counts
+        h = grouped_gemm.grouped_mm(x, w_in, counts)
+        a = _activate(h, activation)
+        y = grouped_gemm.grouped_mm(a, w_out, counts)
+        if gate is not None:
+            y.mul_(gate.unsqueeze(-1))
+        ctx.layout, ctx.activation, ctx.h, ctx.a = layout, activation, h, a
+        ctx.save_for_backward(x, w_in, w_out, gate)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
-        layout, activation = ctx.layout, ctx.activation
-        grad_y = grad_y.contiguous()
-        if not ctx.grouped:
-            return (*_BlockKernel.backward(ctx, grad_y), None, None)
-        x, h, w_in, w_out = ctx.saved_tensors
-        counts = layout.counts
-        grad_w_out = grouped_gemm.grouped_weight_grad(_activate(h, activation), grad_y, counts)
-        grad_a = grouped_gemm.grouped_mm(grad_y, w_out, counts, transpose_w=True)
-        grad_h = _activate_backward(grad_a, h, activation)
-        del grad_a
+        x, w_in, w_out, gate = ctx.saved_tensors
+        h, a = ctx.h, ctx.a
+        del ctx.h, ctx.a
+        counts, grad_y = ctx.layout.counts, grad_y.contiguous()
+        grad_a = grouped_gemm.grouped_mm(grad_y, w_out, counts, transpose_w=True)  # without the gate
+        grad_gate = None
+        if gate is not None:
+            # Row-wise dot product without an [A, F] temporary.
+            grad_gate = torch.bmm(grad_a.unsqueeze(1), a.unsqueeze(2)).view(-1) if ctx.needs_input_grad[3] else None
+            grad_a.mul_(gate.unsqueeze(-1))
+            grad_y = grad_y * gate.unsqueeze(-1)
+        grad_w_out = grouped_gemm.grouped_weight_grad(a, grad_y, counts)
+        del a, grad_y
+        grad_h = _activate_backward(grad_a, h, ctx.activation, reuse_grad=True)
+        del grad_a, h
         grad_w_in = grouped_gemm.grouped_weight_grad(x, grad_h, counts)
         grad_x = grouped_gemm.grouped_mm(grad_h, w_in, counts, transpose_w=True)
-        return grad_x, grad_w_in, grad_w_out, None, None
+        return grad_x, grad_w_in, grad_w_out, grad_gate, None, None
 
 
-class _BlockKernel:
+class _BlockFFN(torch.autograd.Function):
     """Fallback where MKL's grouped GEMM is missing (non-x86 builds, other dtypes, GPUs):
     one ``bmm`` over the padded block of ``layout.blocks`` plus a matmul per tail."""
 
@@ -190,13 +207,15 @@ class _BlockKernel:
             h = x[start:stop] @ w_in[expert]
             torch.mm(_activate(h, activation), w_out[expert], out=y[start:stop])
             tails.append(h)
+        ctx.layout, ctx.activation = layout, activation
         ctx.save_for_backward(x, x_block, h_block, w_in, w_out, *tails)
         return y
 
     @staticmethod
-    def backward(ctx, grad_y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def backward(ctx, grad_y: Tensor):
         layout, activation = ctx.layout, ctx.activation
         x, x_block, h_block, w_in, w_out, *tails = ctx.saved_tensors
+        grad_y = grad_y.contiguous()
         grad_x = torch.empty_like(x)
         if h_block is not None:
             g_block = layout.to_blocks(grad_y)
@@ -213,10 +232,17 @@ class _BlockKernel:
             grad_h = _activate_backward(g @ w_out[expert].t(), h, activation)
             grad_w_in[expert].addmm_(x[start:stop].t(), grad_h)
             torch.mm(grad_h, w_in[expert].t(), out=grad_x[start:stop])
-        return grad_x, grad_w_in, grad_w_out
+        return grad_x, grad_w_in, grad_w_out, None, None
 
 
-def grouped_ffn(x: Tensor, w_in: Tensor, w_out: Tensor, layout: GroupedLayout, activation: str) -> Tensor:
+def grouped_ffn(
+    x: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    layout: GroupedLayout,
+    activation: str,
+    gate: Tensor | None = None,
+) -> Tensor:
     """Run ``E`` FFN experts over expert-sorted rows.
 
     Args:
@@ -225,13 +251,18 @@ def grouped_ffn(x: Tensor, w_in: Tensor, w_out: Tensor, layout: GroupedLayout, a
         w_out: [E, F, D].
         layout: from ``GroupedLayout.plan(counts)``.
         activation: "gelu" or "swiglu".
+        gate: [A] weight to scale each row's output by (None: 1).
 
     Returns:
         [A, D] expert outputs, in the same order as ``x``.
     """
     if x.shape[0] != layout.num_rows:
         raise ValueError(f"layout covers {layout.num_rows} rows but x has {x.shape[0]}")
-    return _GroupedFFN.apply(x.contiguous(), w_in.contiguous(), w_out.contiguous(), layout, activation)
+    x, w_in, w_out = x.contiguous(), w_in.contiguous(), w_out.contiguous()
+    if grouped_gemm.available(x, w_in, w_out):
+        return _GroupedFFN.apply(x, w_in, w_out, None if gate is None else gate.to(x.dtype), layout, activation)
+    y = _BlockFFN.apply(x, w_in, w_out, layout, activation)
+    return y if gate is None else y * gate.unsqueeze(-1).to(y.dtype)
 
 
 def _check_activation(activation: str) -> None:
@@ -268,9 +299,9 @@ class ExpertBank(nn.Module):
         nn.init.uniform_(self.w_in, -1 / math.sqrt(self.dim), 1 / math.sqrt(self.dim))
         nn.init.uniform_(self.w_out, -1 / math.sqrt(self.hidden), 1 / math.sqrt(self.hidden))
 
-    def forward(self, x: Tensor, layout: GroupedLayout) -> Tensor:
-        """x: [A, D] rows sorted by expert -> [A, D]."""
-        return grouped_ffn(x, self.w_in, self.w_out, layout, self.activation)
+    def forward(self, x: Tensor, layout: GroupedLayout, gate: Tensor | None = None) -> Tensor:
+        """x: [A, D] rows sorted by expert, gate: [A] or None -> [A, D] (scaled by gate)."""
+        return grouped_ffn(x, self.w_in, self.w_out, layout, self.activation, gate)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}, activation={self.activation}"
