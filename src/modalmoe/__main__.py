@@ -1,0 +1,5 @@
+import sys
+
+from modalmoe.cli import main
+
+sys.exit(main())
