@@ -242,7 +242,7 @@ def print_table(records: list[dict]) -> None:
         table.add_column(c, justify="right")
     for r in records:
         table.add_row(*(str(r.get(c, "-")) for c in cols))
-    Console().print(table)
+    Console(width=max(160, Console().width)).print(table)
 
 
 def write_json_atomic(path: Path, records: list[dict]) -> None:
