@@ -30,6 +30,8 @@ import weakref
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from rich.table import Table
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -217,13 +219,6 @@ def run_case(case: dict, args) -> dict:
 
 
 def print_table(records: list[dict]) -> None:
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        for r in records:
-            print(r)
-        return
     table = Table(title=f"MoE layer (allocator: {records[0]['allocator']}, threads: {records[0]['threads']})")
     cols = [
         "E",
