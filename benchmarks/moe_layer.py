@@ -139,11 +139,16 @@ class _LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # An output that shares an input's storage (a view, an in-place or out= op) is not
+        # a new allocation, even when the input predates the step (a parameter, the batch).
+        inputs = {
+            t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
+        }
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.device.type == "cpu":
                 storage = t.untyped_storage()
                 ptr, nbytes = storage.data_ptr(), storage.nbytes()
-                if ptr in self.uid_of_ptr or nbytes == 0:
+                if ptr in self.uid_of_ptr or ptr in inputs or nbytes == 0:
                     continue
                 uid = len(self.events)
                 self.uid_of_ptr[ptr] = uid

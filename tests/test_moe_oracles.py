@@ -86,15 +86,19 @@ def test_dropless_dispatch_equals_naive_loop(name, activation):
 
 
 @pytest.mark.parametrize(
-    ("backend", "rows"), [("mkl", None), ("blocks", None), ("blocks", 0), ("blocks", 3), ("blocks", 50)]
+    ("backend", "rows"),
+    [("mkl", None), ("mkl-mixed", None), ("blocks", None), ("blocks", 0), ("blocks", 3), ("blocks", 50)],
 )
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_grouped_kernel_every_backend_matches_per_expert_matmuls(backend, rows, activation, monkeypatch):
-    """MKL's grouped GEMM, the padded block, its tails and the pure loop all agree."""
-    if backend == "mkl" and not grouped_gemm.available(torch.ones(1)):
+    """MKL's grouped GEMM (alone, or mixed with torch.mm for large segments), the padded block,
+    its tails and the pure loop all agree."""
+    if backend.startswith("mkl") and not grouped_gemm.available(torch.ones(1)):
         pytest.skip("this PyTorch build does not export MKL's cblas_sgemm_batch")
     if backend == "blocks":
         monkeypatch.setattr(grouped_gemm, "available", lambda *t: False)
+    if backend == "mkl-mixed":  # segments of >= 5 rows (7 and 11) take the torch.mm path
+        monkeypatch.setattr(grouped_gemm, "LARGE_ROWS", 5)
     torch.manual_seed(2)
     bank = ExpertBank(num_experts=5, dim=D, hidden=H, activation=activation)
     counts = [0, 7, 2, 11, 4]
@@ -113,6 +117,29 @@ def test_grouped_kernel_every_backend_matches_per_expert_matmuls(backend, rows, 
     g = torch.randn_like(y)
     got = torch.autograd.grad(y, [x, gate, bank.w_in, bank.w_out], g)
     want = torch.autograd.grad(ref, [x, gate, bank.w_in, bank.w_out], g)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["mkl", "blocks"])
+def test_grouped_kernel_gathers_rows_by_index_like_index_select(backend, monkeypatch):
+    """``index=`` (rows gathered inside, tokens used twice) equals gathering outside."""
+    if backend == "blocks":
+        monkeypatch.setattr(grouped_gemm, "available", lambda *t: False)
+    torch.manual_seed(4)
+    bank = ExpertBank(num_experts=3, dim=D, hidden=H, activation="gelu")
+    counts = [5, 0, 9]
+    tokens = torch.randn(8, D, requires_grad=True)
+    index = torch.randint(0, 8, (sum(counts),))
+    gate = torch.rand(sum(counts), requires_grad=True)
+    layout = GroupedLayout.plan(counts)
+    y = grouped_ffn(tokens, bank.w_in, bank.w_out, layout, "gelu", gate, index=index)
+    monkeypatch.setattr(grouped_gemm, "available", lambda *t: False)
+    ref = grouped_ffn(tokens.index_select(0, index), bank.w_in, bank.w_out, layout, "gelu", gate)
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [tokens, gate, bank.w_in, bank.w_out], g)
+    want = torch.autograd.grad(ref, [tokens, gate, bank.w_in, bank.w_out], g)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 

@@ -128,7 +128,7 @@ def dispatch_combine(x: Tensor, weight: Tensor, plan: DispatchPlan, experts: Exp
         whose every choice was dropped.
     """
     gate = weight.reshape(-1).index_select(0, plan.choice)
-    y = experts(x.index_select(0, plan.token), plan.layout, gate)
+    y = experts(x, plan.layout, gate, index=plan.token)
     return torch.zeros_like(x).index_add_(0, plan.token, y)
 
 

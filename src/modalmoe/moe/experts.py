@@ -148,30 +148,36 @@ def _activate_backward(grad: Tensor, h: Tensor, activation: str, reuse_grad: boo
 
 
 class _GroupedFFN(torch.autograd.Function):
-    """y[rows of e] = gate * (act(x[rows of e] @ w_in[e]) @ w_out[e]), by MKL grouped GEMMs.
+    """y[rows of e] = gate * (act(x[index][rows of e] @ w_in[e]) @ w_out[e]), by grouped GEMMs.
 
-    The gate weight is applied inside so the unweighted expert output is never kept: its
-    gradient is ``rowsum(a * (grad_y @ w_out.T))``, built from tensors backward has anyway.
-    Keeps x, the pre-activation h and the activation a, as autograd does for a dense FFN;
-    h and a are held on ``ctx`` rather than saved so backward can free each one as soon as
-    it is used, as autograd does node by node (this keeps peak memory at the dense level).
+    Memory is kept at the dense FFN's level, which matters as much as speed here:
+    - the gate weight is applied inside, so the unweighted expert output is never kept: its
+      gradient is ``rowsum(a * (grad_y @ w_out.T))``, built from tensors backward has anyway,
+      and the weight gradient scales ``a`` in place instead of copying ``grad_y``;
+    - with ``index`` the rows are gathered inside and not kept: backward gathers them again
+      when the weight gradient needs them, after h and a are freed (a dense FFN gets its
+      input for free, so keeping the gathered copy alive was pure overhead);
+    - h and a are held on ``ctx`` rather than saved so backward can free each one as soon
+      as it is used, as autograd does node by node.
     """
 
     @staticmethod
-    def forward(ctx, x, w_in, w_out, gate, layout: GroupedLayout, activation: str) -> Tensor:
+    def forward(ctx, x, index, w_in, w_out, gate, layout: GroupedLayout, activation: str) -> Tensor:
         counts = layout.counts
-        h = grouped_gemm.grouped_mm(x, w_in, counts)
+        rows = x if index is None else x.index_select(0, index)
+        h = grouped_gemm.grouped_mm(rows, w_in, counts)
+        del rows
         a = _activate(h, activation)
         y = grouped_gemm.grouped_mm(a, w_out, counts)
         if gate is not None:
             y.mul_(gate.unsqueeze(-1))
         ctx.layout, ctx.activation, ctx.h, ctx.a = layout, activation, h, a
-        ctx.save_for_backward(x, w_in, w_out, gate)
+        ctx.save_for_backward(x, index, w_in, w_out, gate)
         return y
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
-        x, w_in, w_out, gate = ctx.saved_tensors
+        x, index, w_in, w_out, gate = ctx.saved_tensors
         h, a = ctx.h, ctx.a
         del ctx.h, ctx.a
         counts, grad_y = ctx.layout.counts, grad_y.contiguous()
@@ -179,16 +185,22 @@ class _GroupedFFN(torch.autograd.Function):
         grad_gate = None
         if gate is not None:
             # Row-wise dot product without an [A, F] temporary.
-            grad_gate = torch.bmm(grad_a.unsqueeze(1), a.unsqueeze(2)).view(-1) if ctx.needs_input_grad[3] else None
+            grad_gate = torch.bmm(grad_a.unsqueeze(1), a.unsqueeze(2)).view(-1) if ctx.needs_input_grad[4] else None
             grad_a.mul_(gate.unsqueeze(-1))
-            grad_y = grad_y * gate.unsqueeze(-1)
+            a.mul_(gate.unsqueeze(-1))  # (gate * a).T @ grad_y == a.T @ (gate * grad_y); a is ours to overwrite
         grad_w_out = grouped_gemm.grouped_weight_grad(a, grad_y, counts)
         del a, grad_y
         grad_h = _activate_backward(grad_a, h, ctx.activation, reuse_grad=True)
         del grad_a, h
-        grad_w_in = grouped_gemm.grouped_weight_grad(x, grad_h, counts)
-        grad_x = grouped_gemm.grouped_mm(grad_h, w_in, counts, transpose_w=True)
-        return grad_x, grad_w_in, grad_w_out, grad_gate, None, None
+        rows = x if index is None else x.index_select(0, index)
+        grad_w_in = grouped_gemm.grouped_weight_grad(rows, grad_h, counts)
+        del rows
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grouped_gemm.grouped_mm(grad_h, w_in, counts, transpose_w=True)
+            if index is not None:
+                grad_x = torch.zeros_like(x).index_add_(0, index, grad_x)
+        return grad_x, None, grad_w_in, grad_w_out, grad_gate, None, None
 
 
 class _BlockFFN(torch.autograd.Function):
@@ -242,26 +254,33 @@ def grouped_ffn(
     layout: GroupedLayout,
     activation: str,
     gate: Tensor | None = None,
+    index: Tensor | None = None,
 ) -> Tensor:
     """Run ``E`` FFN experts over expert-sorted rows.
 
     Args:
-        x: [A, D] rows sorted by expert, ``layout.counts[e]`` rows for expert e.
+        x: [A, D] rows sorted by expert, ``layout.counts[e]`` rows for expert e; or, with
+            ``index``, [T, D] tokens whose rows ``x[index]`` are the sorted rows.
         w_in: [E, D, F] (GELU) or [E, D, 2F] (SwiGLU).
         w_out: [E, F, D].
         layout: from ``GroupedLayout.plan(counts)``.
         activation: "gelu" or "swiglu".
         gate: [A] weight to scale each row's output by (None: 1).
+        index: [A] token of each sorted row (None: ``x`` is already sorted). Passing it
+            lets the kernel gather rows itself and not keep the gathered copy for backward.
 
     Returns:
-        [A, D] expert outputs, in the same order as ``x``.
+        [A, D] expert outputs, in the sorted row order.
     """
-    if x.shape[0] != layout.num_rows:
-        raise ValueError(f"layout covers {layout.num_rows} rows but x has {x.shape[0]}")
+    num_rows = x.shape[0] if index is None else index.shape[0]
+    if num_rows != layout.num_rows:
+        raise ValueError(f"layout covers {layout.num_rows} rows but got {num_rows}")
     x, w_in, w_out = x.contiguous(), w_in.contiguous(), w_out.contiguous()
     if grouped_gemm.available(x, w_in, w_out):
-        return _GroupedFFN.apply(x, w_in, w_out, None if gate is None else gate.to(x.dtype), layout, activation)
-    y = _BlockFFN.apply(x, w_in, w_out, layout, activation)
+        gate = None if gate is None else gate.to(x.dtype)
+        return _GroupedFFN.apply(x, index, w_in, w_out, gate, layout, activation)
+    rows = x if index is None else x.index_select(0, index)
+    y = _BlockFFN.apply(rows, w_in, w_out, layout, activation)
     return y if gate is None else y * gate.unsqueeze(-1).to(y.dtype)
 
 
@@ -299,9 +318,12 @@ class ExpertBank(nn.Module):
         nn.init.uniform_(self.w_in, -1 / math.sqrt(self.dim), 1 / math.sqrt(self.dim))
         nn.init.uniform_(self.w_out, -1 / math.sqrt(self.hidden), 1 / math.sqrt(self.hidden))
 
-    def forward(self, x: Tensor, layout: GroupedLayout, gate: Tensor | None = None) -> Tensor:
-        """x: [A, D] rows sorted by expert, gate: [A] or None -> [A, D] (scaled by gate)."""
-        return grouped_ffn(x, self.w_in, self.w_out, layout, self.activation, gate)
+    def forward(
+        self, x: Tensor, layout: GroupedLayout, gate: Tensor | None = None, index: Tensor | None = None
+    ) -> Tensor:
+        """x: [A, D] rows sorted by expert (or [T, D] tokens with ``index`` [A]), gate: [A] or
+        None -> [A, D] (scaled by gate). See ``grouped_ffn``."""
+        return grouped_ffn(x, self.w_in, self.w_out, layout, self.activation, gate, index)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}, activation={self.activation}"
