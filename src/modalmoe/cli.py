@@ -14,6 +14,7 @@ import sys
 import torch
 
 import modalmoe
+from modalmoe.data import cli as data_cli
 from modalmoe.moe import grouped_gemm, routers
 from modalmoe.runtime import allocator_name, tune_allocator
 
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions, threads, allocator, kernels and registered components")
     info.set_defaults(func=cmd_info)
+    data_cli.add_commands(sub)
     return parser
 
 

@@ -131,14 +131,19 @@ def collate(samples: Sequence[Mapping], specs: Mapping[str, ModalitySpec] | None
     inputs, present, masks = {}, {}, {}
     for name, spec in specs.items():
         values = [s["inputs"].get(name) for s in samples]
-        flags = [v is not None and bool(s.get("present", {}).get(name, True)) for s, v in zip(samples, values)]
+        flags = [
+            v is not None and bool(s.get("present", {}).get(name, True)) for s, v in zip(samples, values, strict=True)
+        ]
         present[name] = torch.tensor(flags, dtype=torch.bool)
         if not any(flags):
             continue
         if spec.kind == "text":
-            inputs[name] = [str(v) if f else "" for v, f in zip(values, flags)]
+            inputs[name] = [str(v) if f else "" for v, f in zip(values, flags, strict=True)]
             continue
-        arrays = [torch.as_tensor(np.asarray(v), dtype=torch.float32) if f else None for v, f in zip(values, flags)]
+        arrays = [
+            torch.as_tensor(np.asarray(v), dtype=torch.float32) if f else None
+            for v, f in zip(values, flags, strict=True)
+        ]
         example = next(a for a in arrays if a is not None)
         if spec.variable_length:
             lengths = torch.tensor([a.shape[0] if a is not None else 0 for a in arrays])
@@ -176,6 +181,11 @@ class MultimodalDataset(torch.utils.data.Dataset):
         classes: class names, for classification.
         task_type: "classification" or "regression".
         groups: optional ``[N]`` group id (a subject, a speaker) for grouped splits.
+        extras: optional per-sample tensors ``[N, ...]`` that are not inputs (ground truth of
+            a synthetic task, ids); kept by ``subset`` and passed on in ``batch().meta``.
+
+    Rows of samples that lack a modality are zeroed here (an empty string for text), so
+    nothing a loader left in them can leak to a consumer that forgets ``present``.
     """
 
     def __init__(
@@ -189,6 +199,7 @@ class MultimodalDataset(torch.utils.data.Dataset):
         classes: Sequence[str] | None = None,
         task_type: str = "classification",
         groups: np.ndarray | Tensor | None = None,
+        extras: Mapping[str, np.ndarray | Tensor] | None = None,
     ) -> None:
         if task_type not in TASK_TYPES:
             raise ValueError(f"unknown task type {task_type!r}; choose one of {TASK_TYPES}")
@@ -222,9 +233,24 @@ class MultimodalDataset(torch.utils.data.Dataset):
                 given = (lengths or {}).get(name)
                 self.lengths[name] = full if given is None else torch.as_tensor(np.asarray(given)).long()
         self.groups = None if groups is None else torch.as_tensor(np.asarray(groups))
+        self.extras = {k: torch.as_tensor(np.asarray(v)) for k, v in (extras or {}).items()}
+        for what, values in (
+            ("groups", {"groups": self.groups} if groups is not None else {}),
+            ("extras", self.extras),
+        ):
+            for key, value in values.items():
+                if len(value) != n:
+                    raise ValueError(f"{what} {key!r} has {len(value)} rows but the target has {n}")
         for name, flags in self.present.items():
             if flags.shape != (n,):
                 raise ValueError(f"present[{name!r}] must have shape ({n},), got {tuple(flags.shape)}")
+            absent = ~flags
+            if bool(absent.any()):
+                value = self.inputs[name]
+                if isinstance(value, list):
+                    self.inputs[name] = ["" if a else v for v, a in zip(value, absent.tolist(), strict=True)]
+                else:  # out of place: the caller's array may share memory with this tensor
+                    self.inputs[name] = value.masked_fill(absent.view(-1, *[1] * (value.dim() - 1)), 0.0)
 
     def __len__(self) -> int:
         return int(self.target.shape[0])
@@ -256,7 +282,9 @@ class MultimodalDataset(torch.utils.data.Dataset):
             if not bool(present[name].any()):
                 continue
             if isinstance(value, list):
-                inputs[name] = [value[i] if p else "" for i, p in zip(index.tolist(), present[name].tolist())]
+                inputs[name] = [
+                    value[i] if p else "" for i, p in zip(index.tolist(), present[name].tolist(), strict=True)
+                ]
                 continue
             rows = value[index]
             if name in self.lengths:
@@ -264,9 +292,8 @@ class MultimodalDataset(torch.utils.data.Dataset):
                 rows = rows[:, : max(int(lengths.max()), 1)]
                 masks[name] = torch.arange(rows.shape[1]) < lengths.unsqueeze(1)
             inputs[name] = rows
-        return MultimodalBatch(
-            inputs=inputs, present=present, target=self.target[index], masks=masks, meta={"index": index}
-        )
+        meta = {"index": index, **{k: v[index] for k, v in self.extras.items()}}
+        return MultimodalBatch(inputs=inputs, present=present, target=self.target[index], masks=masks, meta=meta)
 
     def subset(self, index: Tensor | np.ndarray | Sequence[int]) -> MultimodalDataset:
         """A new dataset with the samples at ``index`` (tensors are indexed, not shared)."""
@@ -282,14 +309,28 @@ class MultimodalDataset(torch.utils.data.Dataset):
             classes=self.classes,
             task_type=self.task_type,
             groups=None if self.groups is None else self.groups[index],
+            extras={k: v[index] for k, v in self.extras.items()},
         )
 
-    def with_present(self, present: Mapping[str, Tensor]) -> MultimodalDataset:
-        """A shallow copy whose ``present`` flags are replaced for the named modalities."""
-        copy = object.__new__(MultimodalDataset)
-        copy.__dict__.update(self.__dict__)
-        copy.present = {**self.present, **{k: torch.as_tensor(v).bool() for k, v in present.items()}}
-        return copy
+    def replace(
+        self,
+        *,
+        inputs: Mapping[str, Tensor | Sequence[str]] | None = None,
+        present: Mapping[str, Tensor] | None = None,
+    ) -> MultimodalDataset:
+        """A new dataset with some modalities' inputs or present flags replaced (the rest
+        shared, not copied). Rows of newly absent samples are zeroed in the new dataset."""
+        return MultimodalDataset(
+            specs=self.specs,
+            inputs={**self.inputs, **(inputs or {})},
+            target=self.target,
+            present={**self.present, **(present or {})},
+            lengths=self.lengths,
+            classes=self.classes,
+            task_type=self.task_type,
+            groups=self.groups,
+            extras=self.extras,
+        )
 
     def batches(
         self, batch_size: int, *, shuffle: bool = False, seed: int = 0, drop_last: bool = False

