@@ -15,6 +15,7 @@ import hashlib
 import inspect
 import logging
 import os
+import zipfile
 from pathlib import Path
 
 from modalmoe.data.batch import Task
@@ -73,7 +74,7 @@ class BundledTask:
                 task = load_task_file(path)
                 task.description = self.description  # the docstring may have been edited since
                 return task
-            except (OSError, ValueError, KeyError) as err:  # damaged by hand or by a full disk: rebuild
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:  # damaged by hand or by a full disk: rebuild
                 log.warning("rebuilding %s: cached file %s is unreadable (%s)", self.name, path, err)
         task = self.build(self.fetch(cache=cache, wheelhouse=wheelhouse))
         save_task(task, path)
