@@ -6,12 +6,21 @@ batch = task.train.batch(range(32))   # MultimodalBatch: inputs, present, target
 """
 
 from modalmoe.data.batch import KINDS, ModalitySpec, MultimodalBatch, MultimodalDataset, Task, collate
+from modalmoe.data.formats import (
+    DataFormatError,
+    UntrustedPickleError,
+    load,
+    load_multibench_affect,
+    load_multibench_avmnist,
+    save,
+)
 from modalmoe.data.sources import FetchError, Source, cache_dir, fetch
 from modalmoe.data.tasks import BundledTask, load_task, tasks
 
 __all__ = [
     "KINDS",
     "BundledTask",
+    "DataFormatError",
     "FetchError",
     "ModalitySpec",
     "MultimodalBatch",
@@ -22,5 +31,10 @@ __all__ = [
     "collate",
     "fetch",
     "load_task",
+    "UntrustedPickleError",
+    "load",
+    "load_multibench_affect",
+    "load_multibench_avmnist",
+    "save",
     "tasks",
 ]

@@ -74,7 +74,8 @@ class BundledTask:
                 task = load_task_file(path)
                 task.description = self.description  # the docstring may have been edited since
                 return task
-            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:  # damaged by hand or by a full disk: rebuild
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+                # Damaged by hand or by a full disk: rebuild from the verified raw files.
                 log.warning("rebuilding %s: cached file %s is unreadable (%s)", self.name, path, err)
         task = self.build(self.fetch(cache=cache, wheelhouse=wheelhouse))
         save_task(task, path)
@@ -100,4 +101,3 @@ def load_task(name: str, *, cache=None, wheelhouse=None, refresh: bool = False, 
 
 
 from modalmoe.data.tasks import av_digits, clothing_reviews, mfeat, synthetic, watch_imu  # noqa: E402,F401
-
