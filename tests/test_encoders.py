@@ -16,9 +16,16 @@ SPECS = {
     "sequence": ModalitySpec("seq", "sequence", (None, 3)),
     "tabular": ModalitySpec("tab", "tabular", (4,), categorical={1: 3, 3: 2}),
     "text_learned": ModalitySpec("txt", "text", ()),
+    "text_minilm": ModalitySpec("txt", "text", ()),
     "vector": ModalitySpec("vec", "vector", (6,)),
 }
-OPTIONS = {"image": {"patch": 4}, "sequence": {"patch": 2}, "vector": {"tokens": 2}, "text_learned": {"vocab_size": 64}}
+OPTIONS = {
+    "image": {"patch": 4},
+    "sequence": {"patch": 2},
+    "vector": {"tokens": 2},
+    "text_learned": {"vocab_size": 64},
+    "text_minilm": {"tokens": 2, "cache": False},  # memory-only: tests leave no files behind
+}
 
 
 def make_input(name: str, batch: int, seed: int = 0):
@@ -36,14 +43,14 @@ def make_input(name: str, batch: int, seed: int = 0):
         x[:, 1] = torch.randint(0, 3, (batch,), generator=g).float()
         x[:, 3] = torch.randint(0, 2, (batch,), generator=g).float()
         return x, None
-    if name == "text_learned":
+    if name.startswith("text"):
         return [TEXTS[i % len(TEXTS)] for i in range(batch)], None
     return torch.randn(batch, 6, generator=g), None
 
 
 def build(name: str):
     torch.manual_seed(0)
-    encoder = build_encoder(SPECS[name], dim=D, **OPTIONS.get(name, {}))
+    encoder = encoders.create(name, spec=SPECS[name], dim=D, **OPTIONS.get(name, {}))
     x, mask = make_input(name, 12, seed=1)
     encoder.fit(x, torch.ones(12, dtype=torch.bool), mask)
     return encoder

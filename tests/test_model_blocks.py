@@ -10,7 +10,7 @@ from modalmoe.moe import routers
 
 
 def router_kwargs(name: str) -> dict:
-    if name in ("modality_experts", "per_modality"):
+    if name in ("modality_experts", "per_modality", "hierarchical"):
         return {"modalities": ("a", "b")}
     if name == "token_choice":
         return {"k": 2}

@@ -153,7 +153,7 @@ def test_fallback_layout_cost_model_picks_block_for_balanced_and_tail_for_skew()
 
 def test_gradients_reach_router_weights():
     for name in routers.names():
-        kw = {"modalities": ("a", "b")} if name in ("modality_experts", "per_modality") else {}
+        kw = {"modalities": ("a", "b")} if name in ("modality_experts", "per_modality", "hierarchical") else {}
         torch.manual_seed(3)
         layer = build_moe_layer(dim=D, hidden=H, num_experts=4, router=name, **kw)
         x = torch.randn(3, 5, D)

@@ -15,7 +15,7 @@ MODALITIES = ("image", "text")
 
 
 def router_kwargs(name: str) -> dict:
-    return {"modalities": MODALITIES} if name in ("modality_experts", "per_modality") else {}
+    return {"modalities": MODALITIES} if name in ("modality_experts", "per_modality", "hierarchical") else {}
 
 
 @pytest.mark.parametrize("name", routers.names())
@@ -240,3 +240,66 @@ def test_uniform_switch_balances_routing_exactly():
     assert torch.bincount(out.record.expert_index.reshape(-1), minlength=4).tolist() == [5, 5, 5, 5]
     with pytest.raises(ValueError, match="uniform=True"):
         build_moe_layer(dim=D, hidden=H, num_experts=4, router="expert_choice", uniform=True)(torch.randn(10, D))
+
+
+def _hierarchical(**kw):
+    return routers.create("hierarchical", dim=D, num_experts=kw.pop("num_experts", 8), modalities=MODALITIES, **kw)
+
+
+@pytest.mark.parametrize(("groups", "k"), [(2, 1), (2, 3), (4, 2), (1, 2)])
+def test_hierarchical_router_chooses_experts_inside_one_group_and_probs_are_a_distribution(groups, k):
+    torch.manual_seed(9)
+    router = _hierarchical(groups=groups, k=k)
+    size = 8 // groups
+    modality = torch.randint(0, 2, (64,))
+    r = router(torch.randn(64, D), modality, torch.zeros(64, dtype=torch.long))
+    group = r.expert_index // size
+    assert torch.all(group == group[:, :1])  # every choice of a token lies in one group
+    assert torch.all(r.expert_index.sort(-1).values.diff(dim=-1) > 0)  # k distinct experts
+    torch.testing.assert_close(r.probs.sum(-1), torch.ones(64))
+    assert torch.all(r.probs >= 0)
+    torch.testing.assert_close(r.weight.sum(-1), torch.ones(64))  # renormalised over the k
+    # The chosen experts are the chosen group's top-k by probability.
+    in_group = r.probs.view(64, groups, size)[torch.arange(64), group[:, 0]]
+    assert torch.equal(in_group.topk(k, dim=-1).indices + group[:, :1] * size, r.expert_index)
+    assert r.logits.shape == (64, 8) and torch.isfinite(r.logits).all()
+    raw = _hierarchical(groups=groups, k=k, normalize=False)
+    raw.load_state_dict(router.state_dict())
+    r2 = raw(torch.randn(64, D), modality, torch.zeros(64, dtype=torch.long))
+    torch.testing.assert_close(r2.weight, r2.probs.gather(1, r2.expert_index))  # raw: p(g) p(e | g)
+
+
+def test_hierarchical_modality_bias_sends_modality_i_to_group_i_mod_g_at_init():
+    torch.manual_seed(10)
+    modalities = ("image", "text", "audio")
+    router = routers.create("hierarchical", dim=D, num_experts=6, modalities=modalities, groups=2, k=2)
+    modality = torch.tensor([0, 1, 2] * 5)
+    x = 1e-3 * torch.randn(15, D)
+    r = router(x, modality, torch.zeros(15, dtype=torch.long))
+    assert (r.expert_index // 3 == (modality % 2).unsqueeze(1)).all()
+    # Group mass follows the prior: sigmoid(1) for the preferred group of a near-zero token.
+    p_pref = r.probs.view(15, 2, 3).sum(-1).gather(1, (modality % 2).unsqueeze(1))
+    torch.testing.assert_close(
+        p_pref.squeeze(1), torch.full((15,), torch.sigmoid(torch.tensor(1.0)).item()), atol=1e-2, rtol=0
+    )
+
+
+def test_hierarchical_group_gate_learns_from_the_task_loss_alone():
+    torch.manual_seed(11)
+    layer = build_moe_layer(dim=D, hidden=H, num_experts=8, router="hierarchical", modalities=MODALITIES, groups=2, k=2)
+    out = layer(torch.randn(20, D), torch.randint(0, 2, (20,)))
+    out.x.square().sum().backward()
+    for name in ("group_weight", "modality_bias", "weight"):
+        grad = getattr(layer.router, name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_hierarchical_router_bad_configurations():
+    with pytest.raises(ValueError, match="cannot be split evenly into groups=3"):
+        _hierarchical(groups=3)
+    with pytest.raises(ValueError, match="k=3 is larger than a group"):
+        _hierarchical(groups=4, k=3)
+    with pytest.raises(ValueError, match="groups must be an integer >= 1"):
+        _hierarchical(groups=0)
+    with pytest.raises(ValueError, match="modality ids must be in"):
+        _hierarchical()(torch.randn(2, D), torch.tensor([0, 2]), torch.zeros(2, dtype=torch.long))

@@ -1,5 +1,23 @@
-"""The multimodal model: transformer blocks (dense or MoE FFN), fusion, heads, presets."""
+"""The multimodal model: trunk blocks, fusion, heads, missing-modality strategies, presets."""
 
 from modalmoe.model.blocks import Block, Trunk, TrunkOutput
+from modalmoe.model.fusion import Fusion, FusionOutput, fusions
+from modalmoe.model.heads import EmbeddingHead, Head
+from modalmoe.model.missing import MissingBank, modality_dropout
+from modalmoe.model.multimodal import ModelOutput, MultimodalModel, build_model
 
-__all__ = ["Block", "Trunk", "TrunkOutput"]
+__all__ = [
+    "Block",
+    "EmbeddingHead",
+    "Fusion",
+    "FusionOutput",
+    "Head",
+    "MissingBank",
+    "ModelOutput",
+    "MultimodalModel",
+    "Trunk",
+    "TrunkOutput",
+    "build_model",
+    "fusions",
+    "modality_dropout",
+]

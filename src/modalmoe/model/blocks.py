@@ -65,7 +65,12 @@ class Block(nn.Module):
             out = self.ffn(h, modality=modality, sample=sample, mask=mask)
             y, aux, record = out.x, out.aux_losses, out.record
         else:
-            y, aux, record = self.ffn(h), None, None
+            # Only real tokens: padding (and absent modalities' slots) costs no FFN FLOPs,
+            # as in the MoE layer, so dense and MoE blocks are compared on the same tokens.
+            rows = mask.reshape(-1).nonzero().squeeze(1)
+            flat = h.reshape(-1, h.shape[-1])
+            y = torch.zeros_like(flat).index_copy(0, rows, self.ffn(flat.index_select(0, rows))).view_as(h)
+            aux, record = None, None
         return (x + F.dropout(y, self.dropout, self.training)) * mask.unsqueeze(-1), aux, record
 
 
@@ -79,6 +84,7 @@ class Trunk(nn.Module):
         moe_every: 0 for a dense trunk; 1 for MoE in every block; 2 for every other block.
         moe: arguments of ``build_moe_layer`` (``num_experts``, ``router``, ``k``, ...).
         dropout: see ``Block``.
+        expert_hidden: each expert's width (None: ``hidden``).
     """
 
     def __init__(
@@ -92,37 +98,76 @@ class Trunk(nn.Module):
         moe_every: int = 0,
         moe: dict | None = None,
         dropout: float = 0.0,
+        expert_hidden: int | None = None,
     ) -> None:
         super().__init__()
-        if moe_every < 0:
-            raise ValueError(f"moe_every must be >= 0, got {moe_every}")
-        if moe_every and not moe:
-            raise ValueError("moe_every > 0 needs moe=dict(num_experts=..., router=..., ...)")
-        blocks = []
-        for i in range(1, depth + 1):
-            if moe_every and i % moe_every == 0:
-                ffn = build_moe_layer(dim=dim, hidden=hidden, activation=activation, **moe)
-            else:
-                ffn = FeedForward(dim=dim, hidden=hidden, activation=activation)
-            blocks.append(Block(dim=dim, heads=heads, ffn=ffn, dropout=dropout))
-        self.blocks = nn.ModuleList(blocks)
+        self.blocks = nn.ModuleList(
+            build_blocks(
+                dim=dim,
+                depth=depth,
+                heads=heads,
+                hidden=hidden,
+                activation=activation,
+                moe_every=moe_every,
+                moe=moe,
+                dropout=dropout,
+                expert_hidden=expert_hidden,
+            )
+        )
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, x: Tensor, mask: Tensor, modality: Tensor | None = None) -> TrunkOutput:
-        """x: [B, N, D], mask: [B, N] real tokens, modality: [B, N] ids (default 0)."""
+    def forward(
+        self, x: Tensor, mask: Tensor, modality: Tensor | None = None, sample: Tensor | None = None
+    ) -> TrunkOutput:
+        """x: [B, N, D], mask: [B, N] real tokens, modality: [B, N] ids (default 0), sample:
+        [B] id of each row in the caller's batch (default ``arange(B)``; fusions that run a
+        subset of rows pass their batch indices so routing records name the right samples)."""
         if not bool(mask.any(1).all()):
             empty = (~mask.any(1)).nonzero().squeeze(1).tolist()
             raise ValueError(f"samples {empty} have no tokens: every sample needs at least one modality")
         b, n, _ = x.shape
         modality = torch.zeros(b, n, dtype=torch.long, device=x.device) if modality is None else modality
-        sample = torch.arange(b, device=x.device).unsqueeze(1).expand(b, n)
-        aux: dict[str, Tensor] = {}
-        records = []
-        x = x * mask.unsqueeze(-1)
+        sample = torch.arange(b, device=x.device) if sample is None else sample
+        sample = sample.unsqueeze(1).expand(b, n)
+        out = TrunkOutput(x * mask.unsqueeze(-1))
         for block in self.blocks:
-            x, block_aux, record = block(x, mask, modality, sample)
-            if record is not None:
-                records.append(record)
-                for name, value in block_aux.items():
-                    aux[name] = aux[name] + value if name in aux else value
-        return TrunkOutput(self.norm(x) * mask.unsqueeze(-1), aux, records)
+            out.x, block_aux, record = block(out.x, mask, modality, sample)
+            collect(out, block_aux, record)
+        out.x = self.norm(out.x) * mask.unsqueeze(-1)
+        return out
+
+
+def collect(into: TrunkOutput, aux: dict[str, Tensor] | None, record: RoutingRecord | None) -> None:
+    """Add one block's aux losses (summed by name) and routing record to ``into``."""
+    if record is not None:
+        into.records.append(record)
+    for name, value in (aux or {}).items():
+        into.aux_losses[name] = into.aux_losses[name] + value if name in into.aux_losses else value
+
+
+def build_blocks(
+    *,
+    dim: int,
+    depth: int,
+    heads: int,
+    hidden: int,
+    activation: str = "gelu",
+    moe_every: int = 0,
+    moe: dict | None = None,
+    dropout: float = 0.0,
+    expert_hidden: int | None = None,
+) -> list[Block]:
+    """``depth`` blocks; every ``moe_every``-th one (counting from 1) has an MoE FFN whose
+    experts are ``expert_hidden`` wide (None: ``hidden``)."""
+    if moe_every < 0:
+        raise ValueError(f"moe_every must be >= 0, got {moe_every}")
+    if moe_every and not moe:
+        raise ValueError("moe_every > 0 needs moe=dict(num_experts=..., router=..., ...)")
+    blocks = []
+    for i in range(1, depth + 1):
+        if moe_every and i % moe_every == 0:
+            ffn = build_moe_layer(dim=dim, hidden=expert_hidden or hidden, activation=activation, **moe)
+        else:
+            ffn = FeedForward(dim=dim, hidden=hidden, activation=activation)
+        blocks.append(Block(dim=dim, heads=heads, ffn=ffn, dropout=dropout))
+    return blocks

@@ -132,6 +132,26 @@ def dispatch_combine(x: Tensor, weight: Tensor, plan: DispatchPlan, experts: Exp
     return torch.zeros_like(x).index_add_(0, plan.token, y)
 
 
+def dispatch_outputs(x: Tensor, plan: DispatchPlan, experts: ExpertBank, k: int) -> Tensor:
+    """Run the experts on the planned assignments, ungated, and lay the outputs out per choice.
+
+    For combines other than the gate-weighted sum (``moe/communication.py``), which need each
+    choice's output on its own before mixing.
+
+    Args:
+        x: [T, D] tokens.
+        plan: from ``plan_dispatch``.
+        experts: the expert bank.
+        k: choices per token (the second dim of the routing tensors).
+
+    Returns:
+        [T, k, D]: ``expert_{e_tj}(x[t])`` at ``[t, j]`` for kept choices, 0 for invalid or
+        dropped ones.
+    """
+    y = experts(x, plan.layout, None, index=plan.token)
+    return x.new_zeros(x.shape[0] * k, x.shape[-1]).index_copy(0, plan.choice, y).view(x.shape[0], k, -1)
+
+
 def soft_dispatch_combine(x: Tensor, slots: SoftSlots, experts: ExpertBank) -> Tensor:
     """Soft MoE: mix each sample's tokens into slots, run expert e on its slots, mix back.
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from modalmoe.moe.communication import NoCommunication, communications
 from modalmoe.moe.dispatch import (
     dispatch_combine,
+    dispatch_outputs,
     expert_capacity,
     plan_dispatch,
     soft_dispatch_combine,
@@ -34,6 +36,10 @@ class MoELayer(nn.Module):
         uniform: force perfectly balanced routing (benchmarks only: measures the kernel
             apart from routing imbalance).
         entropy_threshold: LIMoE's threshold for the global entropy loss (None: none).
+        communication: how a token's chosen experts exchange information before they are
+            summed (``moe/communication.py``); None or ``NoCommunication`` for the plain
+            gate-weighted sum, computed by the fused path (the gate scales rows inside the
+            expert kernel). Not available with soft MoE, which has no per-token choices.
     """
 
     def __init__(
@@ -45,15 +51,19 @@ class MoELayer(nn.Module):
         capacity_factor: float | None = None,
         uniform: bool = False,
         entropy_threshold: float | None = None,
+        communication: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if router.num_experts != experts.num_experts:
             raise ValueError(f"router has {router.num_experts} experts but the bank has {experts.num_experts}")
         if router.dim != experts.dim:
             raise ValueError(f"router width {router.dim} != expert width {experts.dim}")
+        if communication is not None and getattr(communication, "dim", experts.dim) != experts.dim:
+            raise ValueError(f"communication width {communication.dim} != expert width {experts.dim}")
         expert_capacity(1, 1, 1, capacity_factor)  # validate now, not at the first step
         self.router, self.experts, self.shared = router, experts, shared
         self.capacity_factor, self.uniform, self.entropy_threshold = capacity_factor, uniform, entropy_threshold
+        self.communication = communication
 
     def forward(
         self,
@@ -100,7 +110,13 @@ class MoELayer(nn.Module):
                 )
             routing = uniform_routing(routing)
         valid = routing.valid if routing.valid is not None else torch.ones_like(routing.expert_index, dtype=torch.bool)
+        exchange = self.communication is not None and not isinstance(self.communication, NoCommunication)
         if routing.soft is not None:
+            if exchange:
+                raise ValueError(
+                    "expert communication needs per-token expert choices; soft MoE has none "
+                    "(use communication='none' with the soft router)"
+                )
             y, capacity = soft_dispatch_combine(tokens, routing.soft, self.experts), None
             dropped = torch.zeros_like(valid)
         else:
@@ -108,7 +124,12 @@ class MoELayer(nn.Module):
                 tokens.shape[0], routing.expert_index.shape[1], self.experts.num_experts, self.capacity_factor
             )
             plan = plan_dispatch(routing.expert_index, self.experts.num_experts, valid=routing.valid, capacity=capacity)
-            y, dropped = dispatch_combine(tokens, routing.weight, plan, self.experts), plan.dropped
+            dropped = plan.dropped
+            if exchange:
+                outputs = dispatch_outputs(tokens, plan, self.experts, routing.expert_index.shape[1])
+                y = self.communication(outputs, routing.weight, valid & ~dropped)
+            else:
+                y = dispatch_combine(tokens, routing.weight, plan, self.experts)
         if self.shared is not None:
             y = y + self.shared(tokens)
 
@@ -144,6 +165,9 @@ def build_moe_layer(
     capacity_factor: float | None = None,
     uniform: bool = False,
     entropy_threshold: float | None = None,
+    communication: str = "none",
+    communication_dim: int | None = None,
+    router_options: dict | None = None,
     **router_kwargs,
 ) -> MoELayer:
     """Component builder: an ``MoELayer`` from plain parameters.
@@ -153,21 +177,35 @@ def build_moe_layer(
         hidden: width F of each expert.
         num_experts: E routed experts.
         router: a name in ``modalmoe.moe.routers`` (its own arguments go in ``router_kwargs``,
-            e.g. ``k=2``, ``modalities=("image", "text")``).
+            e.g. ``k=2``, ``modalities=("image", "text")``, or in ``router_options``, which
+            also carries names the layer itself uses, such as expert choice's
+            ``capacity_factor``).
         activation: "gelu" or "swiglu".
         shared_experts: number of always-on experts of width F (DeepSeek-MoE), run as one
             dense FFN of width ``shared_experts * F``.
         capacity_factor, uniform, entropy_threshold: see ``MoELayer``.
+        communication: a name in ``modalmoe.moe.communication.communications`` ("none",
+            "dense", "star"); "none" builds no module and keeps the fused combine.
+        communication_dim: the exchange width r of the communication module (default D // 4).
     """
     from modalmoe.moe.routers import routers  # the registry; imported here to keep import order simple
 
     if shared_experts < 0:
         raise ValueError(f"shared_experts must be >= 0, got {shared_experts}")
+    communications.get(communication)  # unknown names fail here, with the known ones listed
+    if communication != "none" and router == "soft":
+        raise ValueError(
+            f"communication={communication!r} needs per-token expert choices; the soft router has none "
+            "(use communication='none' with it)"
+        )
     return MoELayer(
-        router=routers.create(router, dim=dim, num_experts=num_experts, **router_kwargs),
+        router=routers.create(router, dim=dim, num_experts=num_experts, **{**router_kwargs, **(router_options or {})}),
         experts=ExpertBank(num_experts=num_experts, dim=dim, hidden=hidden, activation=activation),
         shared=FeedForward(dim=dim, hidden=hidden * shared_experts, activation=activation) if shared_experts else None,
         capacity_factor=capacity_factor,
         uniform=uniform,
         entropy_threshold=entropy_threshold,
+        communication=None
+        if communication == "none"
+        else communications.create(communication, dim=dim, hidden=communication_dim),
     )

@@ -11,6 +11,7 @@ routers = Registry("router")
 # Registration happens on import; these imports must follow the registry's creation.
 from modalmoe.moe.routers import (  # noqa: E402, F401
     expert_choice,
+    hierarchical,
     modality_experts,
     per_modality,
     soft,

@@ -1,0 +1,306 @@
+"""Configuration: pydantic v2 models for every part, loaded from YAML, overridable from the CLI.
+
+A model is described by a ``ModelConfig``; an experiment (a task plus a model) by an
+``ExperimentConfig``. Unknown keys are errors that name the key and the closest valid ones,
+so a typo (``moe.num_expert``) never silently falls back to a default.
+
+    cfg = load_config("configs/tasks/av-digits.yaml", overrides=["model.moe.num_experts=16"])
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message says what is wrong and how to fix it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EncoderConfig(_Strict):
+    """One modality's encoder.
+
+    Attributes:
+        name: registered encoder name (``image``, ``sequence``, ``tabular``, ``text_learned``,
+            ``text_minilm``, ``vector``); None picks the one for the modality's kind.
+        options: the encoder's own arguments (``patch``, ``tokens``, ``vocab_size``, ...).
+    """
+
+    name: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class MoEConfig(_Strict):
+    """Where the MoE layers are and how they route.
+
+    Attributes:
+        every: 0 for a dense model; 1 puts an MoE FFN in every block, 2 in every other one.
+        num_experts: E routed experts per MoE layer.
+        router: a registered router name.
+        k: experts per token (for expert choice, set it to the capacity factor: the average
+            experts per token).
+        expert_hidden: each expert's width; None means ``hidden // (k + shared_experts)``,
+            so a token's active expert FLOPs equal the dense FFN's.
+        shared_experts: always-on experts (DeepSeek-MoE), each as wide as a routed one.
+        capacity_factor: None for dropless dispatch.
+        communication: how a token's k expert outputs interact before they are summed
+            (``none``, ``dense``, ``star``; see ``modalmoe.moe.communication``).
+        communication_dim: width of the communication's projections (None: its default).
+        entropy_threshold: LIMoE's global-entropy threshold (None: no global entropy loss).
+        router_options: the router's own arguments (``gating``, ``groups``, ``slots_per_expert``, ...).
+            Modality-aware routers get the task's modality names automatically.
+    """
+
+    every: int = Field(0, ge=0)
+    num_experts: int = Field(8, ge=1)
+    router: str = "token_choice"
+    k: int = Field(2, ge=1)
+    expert_hidden: int | None = Field(None, ge=1)
+    shared_experts: int = Field(0, ge=0)
+    capacity_factor: float | None = None
+    communication: str = "none"
+    communication_dim: int | None = None
+    entropy_threshold: float | None = None
+    router_options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("router")
+    @classmethod
+    def _known_router(cls, name: str) -> str:
+        from modalmoe.moe.routers import routers
+
+        _known(routers, name)
+        return name
+
+    @model_validator(mode="after")
+    def _k_fits(self) -> MoEConfig:
+        if self.k > self.num_experts:
+            raise ValueError(f"k={self.k} is larger than num_experts={self.num_experts}")
+        return self
+
+
+class FusionConfig(_Strict):
+    """How modality streams meet (``modalmoe.model.fusion``).
+
+    Attributes:
+        name: ``early``, ``late``, ``bottleneck`` or ``cross``.
+        bottleneck_tokens: fusion tokens shared between streams (``bottleneck``).
+    """
+
+    name: Literal["early", "late", "bottleneck", "cross"] = "early"
+    bottleneck_tokens: int = Field(4, ge=1)
+
+
+class MissingConfig(_Strict):
+    """What an absent modality becomes.
+
+    Attributes:
+        strategy: ``mask`` (it contributes no tokens) or ``bank`` (Flex-MoE: learned tokens per
+            missing modality, conditioned on which modalities are present).
+        bank_tokens: tokens the bank adds per missing modality.
+        dropout: modality dropout probability per sample and modality during training
+            (at least one modality is always kept); 0 disables it.
+    """
+
+    strategy: Literal["mask", "bank"] = "mask"
+    bank_tokens: int = Field(1, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class HeadConfig(_Strict):
+    """The output.
+
+    Attributes:
+        kind: ``classification``, ``multilabel``, ``regression``; None follows the task.
+        embed_dim: width of the per-modality embedding projections (contrastive training and
+            retrieval); None for no embedding head.
+    """
+
+    kind: Literal["classification", "multilabel", "regression"] | None = None
+    embed_dim: int | None = Field(None, ge=1)
+
+
+class ModelConfig(_Strict):
+    """A multimodal model: encoders, fusion, trunk, MoE, missing-modality strategy, head.
+
+    Attributes:
+        dim: token width D.
+        depth: transformer blocks (per stream for ``late``, ``bottleneck`` and ``cross``).
+        heads: attention heads.
+        hidden: FFN width; each expert's width in MoE blocks.
+        activation: ``gelu`` or ``swiglu``.
+        dropout: attention and residual dropout.
+    """
+
+    dim: int = Field(64, ge=1)
+    depth: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+    hidden: int = Field(128, ge=1)
+    activation: Literal["gelu", "swiglu"] = "gelu"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    encoders: dict[str, EncoderConfig] = Field(default_factory=dict)
+    fusion: FusionConfig = Field(default_factory=FusionConfig)
+    moe: MoEConfig = Field(default_factory=MoEConfig)
+    missing: MissingConfig = Field(default_factory=MissingConfig)
+    head: HeadConfig = Field(default_factory=HeadConfig)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelConfig:
+        if self.dim % self.heads:
+            raise ValueError(f"dim={self.dim} must be a multiple of heads={self.heads}")
+        return self
+
+
+class ExperimentConfig(_Strict):
+    """A task and a model.
+
+    Attributes:
+        name: the preset name (informational).
+        description: one line about the design.
+        task: a bundled task name (``modalmoe data list``).
+        task_options: the task's own options (synthetic tasks take sizes and noise).
+        model: the model.
+    """
+
+    name: str = ""
+    description: str = ""
+    task: str
+    task_options: dict[str, Any] = Field(default_factory=dict)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+
+
+def _known(registry, name: str) -> None:
+    if name not in registry:
+        close = difflib.get_close_matches(name, registry.names(), n=3)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"unknown {registry.family} {name!r}{hint} (known: {', '.join(registry.names())})")
+
+
+# --- loading, overrides, errors -------------------------------------------------------------
+
+
+def deep_merge(base: Mapping, update: Mapping) -> dict:
+    """A copy of ``base`` with ``update`` merged in, recursing into nested mappings."""
+    out = copy.deepcopy(dict(base))
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"model.moe.num_experts=16"`` -> (["model", "moe", "num_experts"], 16); the value is YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like key.path=value, e.g. model.moe.num_experts=16")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({err})") from None
+    return [part for part in key.strip().split(".")], parsed
+
+
+def apply_overrides(data: Mapping, overrides: Iterable[str]) -> dict:
+    """Set each ``key.path=value`` in a copy of the raw config mapping."""
+    out = copy.deepcopy(dict(data))
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is a value ({child!r}), not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def _model_type(annotation) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation (``X``, ``X | None``), or None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def _fields_at(schema: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names valid where the last item of ``loc`` (a pydantic error location) sits."""
+    current: type[BaseModel] | None = schema
+    parts = list(loc[:-1])
+    while parts and current is not None:
+        field = current.model_fields.get(parts.pop(0))
+        if field is None:
+            return []
+        annotation = field.annotation
+        if getattr(annotation, "__origin__", None) is dict:  # dict[str, X]: skip the free key
+            if not parts:
+                return []
+            parts.pop(0)
+            annotation = annotation.__args__[-1]
+        current = _model_type(annotation)
+    return list(current.model_fields) if current is not None else []
+
+
+def _explain(err: ValidationError, schema: type[BaseModel], source: str) -> ConfigError:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            valid = _fields_at(schema, loc)
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            lines.append(f"unknown key {where!r}{hint} (valid here: {', '.join(valid)})")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{where}: {msg} (got {e.get('input')!r})")
+    return ConfigError(f"invalid config {source}:\n  " + "\n  ".join(lines))
+
+
+def validate(data: Mapping, schema: type[BaseModel] = ExperimentConfig, *, source: str = "") -> BaseModel:
+    """Validate a raw mapping; errors name each bad key and the closest valid ones."""
+    try:
+        return schema.model_validate(data)
+    except ValidationError as err:
+        raise _explain(err, schema, source or f"for {schema.__name__}") from None
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML mapping from ``path``, with clear errors for a missing file or bad YAML."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_config(
+    path: str | Path, *, overrides: Iterable[str] = (), schema: type[BaseModel] = ExperimentConfig
+) -> BaseModel:
+    """Read a YAML config, apply ``--set`` style overrides, validate."""
+    return validate(apply_overrides(read_yaml(path), overrides), schema, source=f"in {str(path)!r}")
+
+
+def to_yaml(config: BaseModel) -> str:
+    """The config as YAML (round-trips through ``validate``)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

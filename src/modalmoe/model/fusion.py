@@ -1,0 +1,229 @@
+"""Fusion: where and how modality streams meet.
+
+Every fusion takes the encoders' tokens, one ``Tokens`` per modality in a fixed order
+(modality id i is the i-th), and returns each modality's pooled representation after
+fusion, ``[B, M, D]``, with which of them exist (``[B, M]``), plus the aux losses and routing
+records of every MoE layer it ran. A sample's absent modality has no tokens; streams run
+only on the rows that have their modality, so nothing is computed from placeholders.
+
+- ``early``: one transformer over all modalities' tokens (single-stream; VLMo, LIMoE).
+- ``late``: a transformer per modality, pooled; the head combines them (MultiBench's late fusion).
+- ``bottleneck``: a transformer per modality whose streams exchange information only
+  through a few shared fusion tokens (Nagrani et al. 2021, "Attention Bottlenecks for
+  Multimodal Fusion"): each layer, every present stream updates its copy of the fusion
+  tokens and the copies are averaged.
+- ``cross``: a transformer per modality that, before each block, cross-attends to the other
+  modalities' tokens (ViLBERT/LXMERT-style co-attention). A learned null key lets a sample
+  with a single modality attend to "nothing" instead of producing NaNs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from modalmoe.encoders.base import Tokens
+from modalmoe.model.blocks import Trunk, TrunkOutput, build_blocks, collect
+from modalmoe.moe.types import RoutingRecord
+from modalmoe.registry import Registry
+
+fusions: Registry = Registry("fusion")
+
+
+@dataclass
+class FusionOutput:
+    """pooled: [B, M, D] per-modality representations; present: [B, M] which exist."""
+
+    pooled: Tensor
+    present: Tensor
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    records: list[RoutingRecord] = field(default_factory=list)
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """x: [B, N, D], mask: [B, N] -> [B, D] mean over real tokens (0 for a row without any)."""
+    weight = mask.to(x.dtype).unsqueeze(-1)
+    return (x * weight).sum(1) / weight.sum(1).clamp_min(1.0)
+
+
+def _stream_ids(rows: Tensor, n: int, modality: int) -> Tensor:
+    return torch.full((rows.shape[0], n), modality, dtype=torch.long, device=rows.device)
+
+
+class Fusion(nn.Module):
+    """Base: ``forward(streams: list[Tokens]) -> FusionOutput``.
+
+    Args (shared by every fusion): dim, depth, heads, hidden, activation, moe_every, moe,
+    dropout as in ``Trunk``; ``modalities``: the names, in id order.
+    """
+
+    def __init__(self, *, modalities: Sequence[str], **trunk) -> None:
+        super().__init__()
+        if not modalities:
+            raise ValueError("a fusion needs at least one modality")
+        self.modalities = tuple(modalities)
+        self.dim = trunk["dim"]
+
+
+@fusions.register("early")
+class EarlyFusion(Fusion):
+    """One trunk over the concatenated tokens of every modality."""
+
+    def __init__(self, *, modalities: Sequence[str], **trunk) -> None:
+        super().__init__(modalities=modalities, **trunk)
+        self.trunk = Trunk(**trunk)
+
+    def forward(self, streams: list[Tokens]) -> FusionOutput:
+        x = torch.cat([s.x for s in streams], 1)
+        mask = torch.cat([s.mask for s in streams], 1)
+        modality = torch.cat([torch.full_like(s.mask, i, dtype=torch.long) for i, s in enumerate(streams)], 1)
+        out = self.trunk(x, mask, modality)
+        pooled, start = [], 0
+        for s in streams:
+            stop = start + s.mask.shape[1]
+            pooled.append(masked_mean(out.x[:, start:stop], s.mask))
+            start = stop
+        present = torch.stack([s.mask.any(1) for s in streams], 1)
+        return FusionOutput(torch.stack(pooled, 1), present, out.aux_losses, out.records)
+
+
+@fusions.register("late")
+class LateFusion(Fusion):
+    """A trunk per modality over its own tokens; streams never see each other."""
+
+    def __init__(self, *, modalities: Sequence[str], **trunk) -> None:
+        super().__init__(modalities=modalities, **trunk)
+        self.trunks = nn.ModuleList(Trunk(**trunk) for _ in modalities)
+
+    def forward(self, streams: list[Tokens]) -> FusionOutput:
+        batch = streams[0].x.shape[0]
+        result = TrunkOutput(streams[0].x.new_zeros(batch, len(streams), self.dim))
+        pooled = []
+        for i, (s, trunk) in enumerate(zip(streams, self.trunks, strict=True)):
+            rows = s.mask.any(1).nonzero().squeeze(1)
+            column = s.x.new_zeros(batch, self.dim)
+            if rows.numel():
+                x, mask = s.x.index_select(0, rows), s.mask.index_select(0, rows)
+                out = trunk(x, mask, _stream_ids(rows, x.shape[1], i), sample=rows)
+                column = column.index_copy(0, rows, masked_mean(out.x, mask))
+                result.records.extend(out.records)
+                collect(result, out.aux_losses, None)
+            pooled.append(column)
+        present = torch.stack([s.mask.any(1) for s in streams], 1)
+        return FusionOutput(torch.stack(pooled, 1), present, result.aux_losses, result.records)
+
+
+class _Streams(Fusion):
+    """Per-modality stacks of blocks advanced layer by layer (bottleneck and cross)."""
+
+    def __init__(self, *, modalities: Sequence[str], **trunk) -> None:
+        super().__init__(modalities=modalities, **trunk)
+        self.depth = trunk["depth"]
+        self.streams = nn.ModuleList(nn.ModuleList(build_blocks(**trunk)) for _ in modalities)
+        self.norms = nn.ModuleList(nn.LayerNorm(self.dim) for _ in modalities)
+
+    def finish(self, streams: list[Tokens], xs: list[Tensor], result: TrunkOutput) -> FusionOutput:
+        pooled = [masked_mean(norm(x), s.mask) for norm, x, s in zip(self.norms, xs, streams, strict=True)]
+        present = torch.stack([s.mask.any(1) for s in streams], 1)
+        return FusionOutput(torch.stack(pooled, 1), present, result.aux_losses, result.records)
+
+
+@fusions.register("bottleneck")
+class BottleneckFusion(_Streams):
+    """Per-modality streams that share ``bottleneck_tokens`` fusion tokens (MBT).
+
+    Args:
+        bottleneck_tokens: number of shared fusion tokens (MBT uses 4).
+    """
+
+    def __init__(self, *, modalities: Sequence[str], bottleneck_tokens: int = 4, **trunk) -> None:
+        super().__init__(modalities=modalities, **trunk)
+        self.bottleneck = nn.Parameter(torch.randn(bottleneck_tokens, self.dim) * 0.02)
+
+    def forward(self, streams: list[Tokens]) -> FusionOutput:
+        batch, nb = streams[0].x.shape[0], self.bottleneck.shape[0]
+        xs = [s.x * s.mask.unsqueeze(-1) for s in streams]
+        rows_of = [s.mask.any(1).nonzero().squeeze(1) for s in streams]
+        z = self.bottleneck.expand(batch, nb, self.dim)
+        result = TrunkOutput(z)
+        for layer in range(self.depth):
+            z_sum, count = torch.zeros_like(z), z.new_zeros(batch, 1, 1)
+            for i, (s, rows) in enumerate(zip(streams, rows_of, strict=True)):
+                if not rows.numel():
+                    continue
+                n = s.x.shape[1]
+                x = torch.cat([xs[i].index_select(0, rows), z.index_select(0, rows)], 1)
+                mask = torch.cat([s.mask.index_select(0, rows), s.mask.new_ones(rows.shape[0], nb)], 1)
+                sample = rows.unsqueeze(1).expand(-1, n + nb)
+                y, aux, record = self.streams[i][layer](x, mask, _stream_ids(rows, n + nb, i), sample)
+                collect(result, aux, record)
+                xs[i] = xs[i].index_copy(0, rows, y[:, :n])
+                z_sum = z_sum.index_add(0, rows, y[:, n:])
+                count = count.index_add(0, rows, count.new_ones(rows.shape[0], 1, 1))
+            z = z_sum / count.clamp_min(1.0)
+        return self.finish(streams, xs, result)
+
+
+class CrossAttention(nn.Module):
+    """Pre-norm cross-attention with a learned null key/value always available.
+
+    Args:
+        dim: token width D.
+        heads: attention heads.
+    """
+
+    def __init__(self, *, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm_q, self.norm_kv = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q, self.kv, self.out = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+        self.null = nn.Parameter(torch.zeros(1, 1, dim))
+
+    def forward(self, x: Tensor, memory: Tensor, memory_mask: Tensor) -> Tensor:
+        """x: [B, N, D] queries; memory: [B, S, D] with mask [B, S] -> [B, N, D] (no residual)."""
+        b, n, d = x.shape
+        memory = torch.cat([self.null.expand(b, 1, d), self.norm_kv(memory)], 1)
+        keep = torch.cat([memory_mask.new_ones(b, 1), memory_mask], 1)
+        h = self.heads
+        q = self.q(self.norm_q(x)).view(b, n, h, d // h).transpose(1, 2)
+        k, v = self.kv(memory).view(b, -1, 2, h, d // h).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+        return self.out(y.transpose(1, 2).reshape(b, n, d))
+
+
+@fusions.register("cross")
+class CrossFusion(_Streams):
+    """Per-modality streams; before each block a stream cross-attends to all other streams."""
+
+    def __init__(self, *, modalities: Sequence[str], **trunk) -> None:
+        super().__init__(modalities=modalities, **trunk)
+        self.cross = nn.ModuleList(
+            nn.ModuleList(CrossAttention(dim=self.dim, heads=trunk["heads"]) for _ in range(self.depth))
+            for _ in modalities
+        )
+
+    def forward(self, streams: list[Tokens]) -> FusionOutput:
+        xs = [s.x * s.mask.unsqueeze(-1) for s in streams]
+        rows_of = [s.mask.any(1).nonzero().squeeze(1) for s in streams]
+        result = TrunkOutput(xs[0])
+        for layer in range(self.depth):
+            previous = list(xs)  # every stream reads the others' tokens from the same layer
+            for i, (s, rows) in enumerate(zip(streams, rows_of, strict=True)):
+                if not rows.numel():
+                    continue
+                others = [j for j in range(len(streams)) if j != i]
+                x, mask = previous[i].index_select(0, rows), s.mask.index_select(0, rows)
+                if others:
+                    memory = torch.cat([previous[j].index_select(0, rows) for j in others], 1)
+                    memory_mask = torch.cat([streams[j].mask.index_select(0, rows) for j in others], 1)
+                    x = (x + self.cross[i][layer](x, memory, memory_mask)) * mask.unsqueeze(-1)
+                n = x.shape[1]
+                sample = rows.unsqueeze(1).expand(-1, n)
+                y, aux, record = self.streams[i][layer](x, mask, _stream_ids(rows, n, i), sample)
+                collect(result, aux, record)
+                xs[i] = xs[i].index_copy(0, rows, y)
+        return self.finish(streams, xs, result)

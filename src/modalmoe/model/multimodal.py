@@ -1,0 +1,255 @@
+"""The multimodal model: encoders -> (missing-modality strategy) -> fusion + trunk -> heads.
+
+    from modalmoe.model import build_model, get_preset
+    preset = get_preset("av-digits/token-choice")
+    model = build_model(preset.model, task.specs, task_type="classification", outputs=10)
+    model.fit(task.train)                # input statistics, tokenizers (training split only)
+    out = model(task.train.batch(range(32)))
+    out.logits, out.aux_losses, out.records
+
+``model(batch, modalities=["audio"])`` predicts as if only those modalities were present,
+for any non-empty subset; a sample left with no modality is a clear error.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from modalmoe.config import ModelConfig
+from modalmoe.data.batch import MultimodalBatch, MultimodalDataset
+from modalmoe.encoders import Encoder, Tokens, encoders
+from modalmoe.model.fusion import Fusion, fusions
+from modalmoe.model.heads import EmbeddingHead, Head
+from modalmoe.model.missing import MissingBank, check_some_present, modality_dropout
+from modalmoe.moe.routers import routers
+from modalmoe.moe.types import RoutingRecord
+
+DEFAULT_ENCODER = {"text": "text_learned"}  # other kinds share the kind's name
+
+
+@dataclass
+class ModelOutput:
+    """What the model returns.
+
+    Attributes:
+        logits: [B, C] (or [B] for one regression target); None without a prediction head.
+        embeddings: modality -> [B, E] L2-normalised embeddings (0 where absent), or None.
+        fused: [B, D] the representation the head reads (mean over the modalities present).
+        pooled: [B, M, D] each modality's representation after fusion.
+        present: [B, M] which modalities each sample had (after modality dropout, with bank
+            tokens counting as present).
+        aux_losses: name -> unweighted aux loss summed over MoE layers.
+        records: one routing record per MoE layer, in execution order.
+    """
+
+    logits: Tensor | None
+    fused: Tensor
+    pooled: Tensor
+    present: Tensor
+    embeddings: dict[str, Tensor] | None = None
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    records: list[RoutingRecord] = field(default_factory=list)
+
+
+class MultimodalModel(nn.Module):
+    """Encoders, a fusion, heads and a missing-modality strategy, passed in built.
+
+    Args:
+        encoders: modality name -> encoder; the order fixes modality ids.
+        fusion: a registered ``Fusion``.
+        head: the prediction head, or None (embedding-only models).
+        embedding_head: per-modality projections, or None.
+        bank: a ``MissingBank`` (Flex-MoE), or None for the ``mask`` strategy.
+        modality_dropout: drop probability per sample and modality in training.
+        config: the ``ModelConfig`` it was built from (kept for saving and reports).
+    """
+
+    def __init__(
+        self,
+        *,
+        encoders: Mapping[str, Encoder],
+        fusion: Fusion,
+        head: Head | None,
+        embedding_head: EmbeddingHead | None = None,
+        bank: MissingBank | None = None,
+        modality_dropout: float = 0.0,
+        config: ModelConfig | None = None,
+    ) -> None:
+        super().__init__()
+        if list(encoders) != list(fusion.modalities):
+            raise ValueError(f"encoders {list(encoders)} and fusion modalities {list(fusion.modalities)} differ")
+        if head is None and embedding_head is None:
+            raise ValueError("a model needs a prediction head, an embedding head, or both")
+        self.encoders = nn.ModuleDict(encoders)
+        self.fusion, self.head, self.embedding_head, self.bank = fusion, head, embedding_head, bank
+        self.modality_dropout = modality_dropout
+        self.config = config
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.encoders)
+
+    @torch.no_grad()
+    def fit(self, dataset: MultimodalDataset) -> MultimodalModel:
+        """Fit the encoders' data-dependent state (input statistics, tokenizers) on the
+        training split. Call once before training; never on validation or test data."""
+        for name, encoder in self.encoders.items():
+            if name not in dataset.inputs:
+                raise ValueError(f"the dataset has no modality {name!r} (it has {list(dataset.inputs)})")
+            mask = None
+            if name in dataset.lengths:
+                length = dataset.inputs[name].shape[1]
+                mask = torch.arange(length) < dataset.lengths[name].unsqueeze(1)
+            encoder.fit(dataset.inputs[name], dataset.present[name], mask)
+        return self
+
+    def presence(self, batch: MultimodalBatch, modalities: Iterable[str] | None = None) -> Tensor:
+        """[B, M] which modalities each sample carries, restricted to ``modalities``."""
+        missing = [m for m in self.modalities if m not in batch.present]
+        if missing:
+            raise ValueError(f"the batch has no presence flags for {missing}; it carries {list(batch.present)}")
+        keep = set(self.modalities if modalities is None else modalities)
+        unknown = sorted(keep - set(self.modalities))
+        if unknown:
+            raise ValueError(f"unknown modalities {unknown}; this model has {self.modalities}")
+        return torch.stack([batch.present[m] & (m in keep) for m in self.modalities], 1).to(self._device)
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def tokens(self, batch: MultimodalBatch, present: Tensor) -> list[Tokens]:
+        """Each modality's tokens; a modality no sample has gets zero-width tokens."""
+        out = []
+        size, dim, device = present.shape[0], self.fusion.dim, self._device
+        for i, (name, encoder) in enumerate(self.encoders.items()):
+            rows = present[:, i]
+            if not bool(rows.any()):
+                out.append(
+                    Tokens(
+                        torch.zeros(size, 0, dim, device=device), torch.zeros(size, 0, dtype=torch.bool, device=device)
+                    )
+                )
+                continue
+            if name not in batch.inputs:
+                raise ValueError(f"batch marks modality {name!r} present for some samples but carries no input")
+            out.append(encoder(batch.inputs[name], rows, batch.masks.get(name)))
+        return out
+
+    def forward(self, batch: MultimodalBatch, *, modalities: Iterable[str] | None = None) -> ModelOutput:
+        """Predict for a batch.
+
+        Args:
+            batch: a ``MultimodalBatch`` on the model's device.
+            modalities: use only these modalities (None: all the batch has).
+        """
+        present = self.presence(batch, modalities)
+        check_some_present(present, self.modalities)
+        if self.training and self.modality_dropout > 0:
+            present = modality_dropout(present, self.modality_dropout)
+        streams = self.tokens(batch, present)
+        if self.bank is not None:
+            streams = self.bank(streams, present)
+        fused = self.fusion(streams)
+        weight = fused.present.to(fused.pooled.dtype).unsqueeze(-1)
+        vector = (fused.pooled * weight).sum(1) / weight.sum(1).clamp_min(1.0)
+        return ModelOutput(
+            logits=None if self.head is None else self.head(vector),
+            fused=vector,
+            pooled=fused.pooled,
+            present=fused.present,
+            embeddings=None if self.embedding_head is None else self.embedding_head(fused.pooled, fused.present),
+            aux_losses=fused.aux_losses,
+            records=fused.records,
+        )
+
+
+def moe_arguments(config: ModelConfig, modalities: list[str]) -> dict | None:
+    """``build_moe_layer`` arguments from the config (None for a dense model)."""
+    moe = config.moe
+    if not moe.every:
+        return None
+    options = dict(moe.router_options)
+    accepts = inspect.signature(routers.get(moe.router)).parameters
+    if "modalities" in accepts and "modalities" not in options:
+        options["modalities"] = tuple(modalities)
+    expert_hidden = moe.expert_hidden or max(1, config.hidden // (moe.k + moe.shared_experts))
+    args = dict(
+        num_experts=moe.num_experts,
+        router=moe.router,
+        k=moe.k,
+        shared_experts=moe.shared_experts,
+        capacity_factor=moe.capacity_factor,
+        entropy_threshold=moe.entropy_threshold,
+        hidden=expert_hidden,
+        communication=moe.communication,
+        communication_dim=moe.communication_dim,
+        router_options=options,
+    )
+    return args
+
+
+def build_model(
+    config: ModelConfig,
+    specs: Mapping,
+    *,
+    task_type: str = "classification",
+    outputs: int | None = None,
+) -> MultimodalModel:
+    """Component builder: a ``MultimodalModel`` for a task's modalities.
+
+    Args:
+        config: the model config.
+        specs: modality name -> ``ModalitySpec`` (``task.specs``).
+        task_type: "classification" or "regression" (picks the head unless ``config.head.kind``).
+        outputs: classes, labels or regression targets (None: 1, for regression).
+    """
+    names = list(specs)
+    unknown = sorted(set(config.encoders) - set(names))
+    if unknown:
+        raise ValueError(f"config has encoders for {unknown}, which the task does not have (it has {names})")
+    built = {}
+    for name, spec in specs.items():
+        choice = config.encoders.get(name)
+        kind = (choice.name if choice and choice.name else None) or DEFAULT_ENCODER.get(spec.kind, spec.kind)
+        built[name] = encoders.create(kind, spec=spec, dim=config.dim, **(choice.options if choice else {}))
+    moe = moe_arguments(config, names)
+    trunk = dict(
+        dim=config.dim,
+        depth=config.depth,
+        heads=config.heads,
+        hidden=config.hidden,
+        activation=config.activation,
+        moe_every=config.moe.every,
+        moe=moe,
+        dropout=config.dropout,
+    )
+    if moe is not None:
+        # Experts get their own width; dense blocks keep the config's hidden.
+        trunk["moe"] = {k: v for k, v in moe.items() if k != "hidden"}
+        trunk["expert_hidden"] = moe["hidden"]
+    extra = {"bottleneck_tokens": config.fusion.bottleneck_tokens} if config.fusion.name == "bottleneck" else {}
+    fusion = fusions.create(config.fusion.name, modalities=names, **trunk, **extra)
+    kind = config.head.kind or ("classification" if task_type == "classification" else "regression")
+    if outputs is None:
+        if kind != "regression":
+            raise ValueError(f"a {kind} head needs `outputs` (the number of classes or labels)")
+        outputs = 1
+    return MultimodalModel(
+        encoders=built,
+        fusion=fusion,
+        head=Head(kind=kind, dim=config.dim, outputs=outputs),
+        embedding_head=None
+        if config.head.embed_dim is None
+        else EmbeddingHead(modalities=names, dim=config.dim, embed_dim=config.head.embed_dim),
+        bank=None
+        if config.missing.strategy == "mask"
+        else MissingBank(num_modalities=len(names), dim=config.dim, tokens=config.missing.bank_tokens),
+        modality_dropout=config.missing.dropout,
+        config=config,
+    )
