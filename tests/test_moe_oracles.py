@@ -97,8 +97,8 @@ def test_grouped_kernel_every_backend_matches_per_expert_matmuls(backend, rows, 
         pytest.skip("this PyTorch build does not export MKL's cblas_sgemm_batch")
     if backend == "blocks":
         monkeypatch.setattr(grouped_gemm, "available", lambda *t: False)
-    if backend == "mkl-mixed":  # segments of >= 5 rows (7 and 11) take the torch.mm path
-        monkeypatch.setattr(grouped_gemm, "LARGE_ROWS", 5)
+    if backend == "mkl-mixed":  # segments of >= 5 rows' work (7 and 11 rows) take the torch.mm path
+        monkeypatch.setattr(grouped_gemm, "LARGE_WORK", 5 * D * H)
     torch.manual_seed(2)
     bank = ExpertBank(num_experts=5, dim=D, hidden=H, activation=activation)
     counts = [0, 7, 2, 11, 4]

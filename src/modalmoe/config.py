@@ -57,6 +57,9 @@ class MoEConfig(_Strict):
             (``none``, ``dense``, ``star``; see ``modalmoe.moe.communication``).
         communication_dim: width of the communication's projections (None: its default).
         entropy_threshold: LIMoE's global-entropy threshold (None: no global entropy loss).
+        aux_losses: which router losses the MoE layers compute (``load_balance``, ``z_loss``,
+            ``local_entropy``, ``global_entropy``); the trainer weights them. LIMoE's entropy
+            losses are opt-in: they cost time every step.
         router_options: the router's own arguments (``gating``, ``groups``, ``slots_per_expert``, ...).
             Modality-aware routers get the task's modality names automatically.
     """
@@ -71,6 +74,9 @@ class MoEConfig(_Strict):
     communication: str = "none"
     communication_dim: int | None = None
     entropy_threshold: float | None = None
+    aux_losses: list[Literal["load_balance", "z_loss", "local_entropy", "global_entropy"]] = Field(
+        default_factory=lambda: ["load_balance", "z_loss"]
+    )
     router_options: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("router")

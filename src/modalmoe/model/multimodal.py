@@ -186,6 +186,7 @@ def moe_arguments(config: ModelConfig, modalities: list[str]) -> dict | None:
         shared_experts=moe.shared_experts,
         capacity_factor=moe.capacity_factor,
         entropy_threshold=moe.entropy_threshold,
+        aux=tuple(moe.aux_losses),
         hidden=expert_hidden,
         communication=moe.communication,
         communication_dim=moe.communication_dim,

@@ -11,8 +11,8 @@ rows each (4096 rows, 512 -> 2048): dense 1.00, one padded-free ``bmm`` over equ
 Large groups are the exception: MKL runs a batch of single-GEMM groups about 5-10% slower
 than the same GEMMs called one by one once each has several hundred rows (measured here,
 8 experts of ~512 rows, 512 -> 1024: forward 1.09x vs 1.03x the dense matmul, weight
-gradient 1.14x vs 1.05x), so segments of ``LARGE_ROWS`` rows or more go through
-``torch.mm`` one by one and only the rest are batched.
+gradient 1.14x vs 1.05x), so segments with at least ``LARGE_WORK`` multiply-adds (384 rows
+at that size) go through ``torch.mm`` one by one and only the rest are batched.
 
 ``available(x)`` says whether the fast path applies (float32/float64 CPU tensors and a
 PyTorch build that exports the symbol); callers fall back to their own code otherwise.
@@ -29,9 +29,14 @@ from torch import Tensor
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 
-# Segments with at least this many rows run as their own torch.mm (threaded inside the GEMM)
-# rather than in the batch; between 256 rows (batch faster) and 512 (loop faster) here.
+# Segments with at least this much work (rows x K x N multiply-adds) run as their own
+# torch.mm (threaded inside the GEMM) rather than in the batch. Measured at K x N = 512 x 1024:
+# between 256 rows (batch faster) and 512 rows (loop faster), so 384 rows of that size. The
+# threshold is on work, not rows: at K x N = 64 x 128 (the presets' sizes) ~400-row segments
+# ran 3.7x slower one by one than batched, since each small GEMM pays a call and threading
+# overhead that the batch shares.
 LARGE_ROWS = 384
+LARGE_WORK = LARGE_ROWS * 512 * 1024
 
 
 @functools.cache
@@ -83,12 +88,13 @@ def _call(dtype, trans_a, trans_b, m, n, k, a_ptrs, lda, b_ptrs, ldb, c_ptrs, ld
     )
 
 
-def _segments(counts: tuple[int, ...]) -> tuple[list, list]:
-    """Non-empty (expert, start, count) segments, split into (batched, large)."""
+def _segments(counts: tuple[int, ...], row_work: int) -> tuple[list, list]:
+    """Non-empty (expert, start, count) segments, split into (batched, large); ``row_work`` is
+    one row's multiply-adds (K x N)."""
     small, large, start = [], [], 0
     for expert, count in enumerate(counts):
         if count:
-            (large if count >= LARGE_ROWS else small).append((expert, start, count))
+            (large if count * row_work >= LARGE_WORK else small).append((expert, start, count))
         start += count
     return small, large
 
@@ -106,7 +112,7 @@ def grouped_mm(x: Tensor, w: Tensor, counts: tuple[int, ...], *, transpose_w: bo
     """
     k_dim, n_dim = (w.shape[2], w.shape[1]) if transpose_w else (w.shape[1], w.shape[2])
     out = x.new_empty(x.shape[0], n_dim)
-    seg, large = _segments(counts)
+    seg, large = _segments(counts, k_dim * n_dim)
     for expert, start, count in large:
         weight = w[expert].t() if transpose_w else w[expert]
         torch.mm(x[start : start + count], weight, out=out[start : start + count])
@@ -144,7 +150,7 @@ def grouped_weight_grad(x: Tensor, g: Tensor, counts: tuple[int, ...]) -> Tensor
     for expert, count in enumerate(counts):
         if not count:
             out[expert].zero_()
-    seg, large = _segments(counts)
+    seg, large = _segments(counts, k_dim * n_dim)
     for expert, start, count in large:
         torch.mm(x[start : start + count].t(), g[start : start + count], out=out[expert])
     item = x.element_size()

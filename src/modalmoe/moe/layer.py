@@ -15,7 +15,7 @@ from modalmoe.moe.dispatch import (
     uniform_routing,
 )
 from modalmoe.moe.experts import ExpertBank, FeedForward
-from modalmoe.moe.losses import aux_losses
+from modalmoe.moe.losses import AUX_LOSSES, aux_losses
 from modalmoe.moe.routers.base import Router
 from modalmoe.moe.types import MoEOutput, RoutingRecord
 
@@ -36,6 +36,8 @@ class MoELayer(nn.Module):
         uniform: force perfectly balanced routing (benchmarks only: measures the kernel
             apart from routing imbalance).
         entropy_threshold: LIMoE's threshold for the global entropy loss (None: none).
+        aux: names of the aux losses to compute (``modalmoe.moe.losses.AUX_LOSSES``; all by
+            default).
         communication: how a token's chosen experts exchange information before they are
             summed (``moe/communication.py``); None or ``NoCommunication`` for the plain
             gate-weighted sum, computed by the fused path (the gate scales rows inside the
@@ -52,6 +54,7 @@ class MoELayer(nn.Module):
         uniform: bool = False,
         entropy_threshold: float | None = None,
         communication: nn.Module | None = None,
+        aux: tuple[str, ...] = AUX_LOSSES,
     ) -> None:
         super().__init__()
         if router.num_experts != experts.num_experts:
@@ -64,6 +67,10 @@ class MoELayer(nn.Module):
         self.router, self.experts, self.shared = router, experts, shared
         self.capacity_factor, self.uniform, self.entropy_threshold = capacity_factor, uniform, entropy_threshold
         self.communication = communication
+        unknown = sorted(set(aux) - set(AUX_LOSSES))
+        if unknown:
+            raise ValueError(f"unknown aux losses {unknown}; choose from {AUX_LOSSES}")
+        self.aux = tuple(aux)
 
     def forward(
         self,
@@ -149,7 +156,7 @@ class MoELayer(nn.Module):
             y = x.new_zeros(x.shape[:-1].numel(), dim).index_copy(0, keep, y)
         return MoEOutput(
             x=y.view(shape),
-            aux_losses=aux_losses(record, entropy_threshold=self.entropy_threshold),
+            aux_losses=aux_losses(record, entropy_threshold=self.entropy_threshold, names=self.aux),
             record=record,
         )
 
@@ -167,6 +174,7 @@ def build_moe_layer(
     entropy_threshold: float | None = None,
     communication: str = "none",
     communication_dim: int | None = None,
+    aux: tuple[str, ...] = AUX_LOSSES,
     router_options: dict | None = None,
     **router_kwargs,
 ) -> MoELayer:
@@ -183,7 +191,7 @@ def build_moe_layer(
         activation: "gelu" or "swiglu".
         shared_experts: number of always-on experts of width F (DeepSeek-MoE), run as one
             dense FFN of width ``shared_experts * F``.
-        capacity_factor, uniform, entropy_threshold: see ``MoELayer``.
+        capacity_factor, uniform, entropy_threshold, aux: see ``MoELayer``.
         communication: a name in ``modalmoe.moe.communication.communications`` ("none",
             "dense", "star"); "none" builds no module and keeps the fused combine.
         communication_dim: the exchange width r of the communication module (default D // 4).
@@ -205,6 +213,7 @@ def build_moe_layer(
         capacity_factor=capacity_factor,
         uniform=uniform,
         entropy_threshold=entropy_threshold,
+        aux=aux,
         communication=None
         if communication == "none"
         else communications.create(communication, dim=dim, hidden=communication_dim),

@@ -13,8 +13,12 @@ from modalmoe.moe.types import RoutingRecord
 
 def expert_fraction(record: RoutingRecord) -> Tensor:
     """[E] fraction of routed (token, expert) choices per expert, before any capacity drop."""
-    index = record.expert_index[record.valid]
-    counts = torch.bincount(index.reshape(-1), minlength=record.num_experts).to(record.probs.dtype)
+    # Weighted bincount rather than boolean indexing: no data-dependent shape, no sync.
+    counts = torch.bincount(
+        record.expert_index.reshape(-1),
+        weights=record.valid.reshape(-1).to(record.probs.dtype),
+        minlength=record.num_experts,
+    ).to(record.probs.dtype)
     return counts / counts.sum().clamp_min(1)
 
 
@@ -45,9 +49,15 @@ def _entropy(p: Tensor) -> Tensor:
     return -(p * torch.log(p.clamp_min(1e-12))).sum(-1)
 
 
-def _per_modality(record: RoutingRecord):
-    for m in torch.unique(record.modality).tolist():
-        yield record.probs[record.modality == m]
+def _modality_means(record: RoutingRecord, values: Tensor) -> Tensor:
+    """Mean of ``values`` [T, ...] over each modality's tokens -> [M', ...] for the M'
+    modalities that have tokens (one scatter, no Python loop over modalities)."""
+    modality = record.modality
+    size = int(modality.max()) + 1
+    sums = values.new_zeros(size, *values.shape[1:]).index_add(0, modality, values)
+    counts = torch.bincount(modality, minlength=size)
+    seen = counts > 0
+    return sums[seen] / counts[seen].to(values.dtype).view(-1, *[1] * (values.dim() - 1))
 
 
 def local_entropy_loss(record: RoutingRecord) -> Tensor:
@@ -55,8 +65,9 @@ def local_entropy_loss(record: RoutingRecord) -> Tensor:
 
     Minimising it makes each token's routing decisive.
     """
-    terms = [_entropy(p).mean() for p in _per_modality(record)]
-    return torch.stack(terms).mean() if terms else record.probs.sum() * 0
+    if record.probs.shape[0] == 0:
+        return record.probs.sum() * 0
+    return _modality_means(record, _entropy(record.probs)).mean()
 
 
 def global_entropy_loss(record: RoutingRecord, threshold: float | None = None) -> Tensor:
@@ -66,18 +77,36 @@ def global_entropy_loss(record: RoutingRecord, threshold: float | None = None) -
     only entropy below the threshold is penalised: ``relu(threshold - H)``, so a modality may
     settle on a few experts without being pushed to use them all.
     """
-    terms = []
-    for p in _per_modality(record):
-        h = _entropy(p.mean(0))
-        terms.append(-h if threshold is None else torch.relu(threshold - h))
-    return torch.stack(terms).mean() if terms else record.probs.sum() * 0
+    if record.probs.shape[0] == 0:
+        return record.probs.sum() * 0
+    h = _entropy(_modality_means(record, record.probs))
+    return (-h if threshold is None else torch.relu(threshold - h)).mean()
 
 
-def aux_losses(record: RoutingRecord, *, entropy_threshold: float | None = None) -> dict[str, Tensor]:
-    """All auxiliary losses of one layer, unweighted; the trainer chooses their weights."""
-    return {
-        "load_balance": load_balance_loss(record),
-        "z_loss": router_z_loss(record),
-        "local_entropy": local_entropy_loss(record),
-        "global_entropy": global_entropy_loss(record, entropy_threshold),
+AUX_LOSSES = ("load_balance", "z_loss", "local_entropy", "global_entropy")
+
+
+def aux_losses(
+    record: RoutingRecord,
+    *,
+    entropy_threshold: float | None = None,
+    names: tuple[str, ...] = AUX_LOSSES,
+) -> dict[str, Tensor]:
+    """The named auxiliary losses of one layer, unweighted; the trainer chooses their weights.
+
+    Args:
+        record: the layer's routing record.
+        entropy_threshold: LIMoE's tau for the global entropy loss.
+        names: which losses to compute (a subset of ``AUX_LOSSES``); losses a run does not
+            weight need not be computed.
+    """
+    unknown = sorted(set(names) - set(AUX_LOSSES))
+    if unknown:
+        raise ValueError(f"unknown aux losses {unknown}; choose from {AUX_LOSSES}")
+    compute = {
+        "load_balance": lambda: load_balance_loss(record),
+        "z_loss": lambda: router_z_loss(record),
+        "local_entropy": lambda: local_entropy_loss(record),
+        "global_entropy": lambda: global_entropy_loss(record, entropy_threshold),
     }
+    return {name: compute[name]() for name in names}
