@@ -15,6 +15,7 @@ import torch
 
 import modalmoe
 from modalmoe.data import cli as data_cli
+from modalmoe.model import cli as model_cli
 from modalmoe.moe import grouped_gemm, routers
 from modalmoe.runtime import allocator_name, tune_allocator
 
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="versions, threads, allocator, kernels and registered components")
     info.set_defaults(func=cmd_info)
     data_cli.add_commands(sub)
+    model_cli.add_commands(sub)
     return parser
 
 

@@ -2,7 +2,8 @@
 
 ``configs/tasks/<task>.yaml`` holds the task and its sizes and encoders;
 ``configs/designs/<design>.yaml`` holds the fusion, MoE and missing-modality choices (it may
-``extends:`` another design); a task may adjust a design for itself under ``designs:``. The
+``extends:`` another design); a task may adjust every design under ``all_designs:`` and one
+design under ``designs: {<design>: ...}`` (both win over the design). The
 preset ``<task>/<design>`` is their merge, validated as an ``ExperimentConfig``. Nothing is
 copied between files, so the recipes cannot drift apart.
 
@@ -80,10 +81,12 @@ def preset_data(name: str) -> dict:
         raise ConfigError(_unknown("preset task", task, task_files()))
     task_data = read_yaml(path)
     adjust = task_data.pop("designs", {}) or {}
+    every = task_data.pop("all_designs", {}) or {}
     stray = sorted(set(adjust) - set(design_names()))
     if stray:
         raise ConfigError(f"{path} adjusts unknown designs {stray}; known designs: {', '.join(design_names())}")
     data = deep_merge(task_data, _design(design))
+    data = deep_merge(data, every)
     data = deep_merge(data, adjust.get(design, {}))
     data["name"] = name
     return data

@@ -1,0 +1,104 @@
+"""``modalmoe presets [NAME] [--cost] [--set key=value]``: the named model presets."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+from rich.table import Table
+
+from modalmoe.config import ConfigError, to_yaml
+from modalmoe.model.presets import design_names, get_preset, preset_data, preset_names, task_files
+
+console = Console()
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Attach ``presets`` to the main parser."""
+    p = sub.add_parser(
+        "presets",
+        help="list model presets (<task>/<design>), show one as YAML, or measure their cost",
+        description="Presets merge configs/tasks/<task>.yaml with configs/designs/<design>.yaml.",
+    )
+    p.add_argument("name", nargs="?", help="a preset (av-digits/token-choice), a task or a design; none: list")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--cost", action="store_true", help="build the models and count params, active params, FLOPs")
+    p.add_argument("--tiny", action="store_true", help="include the tiny test presets")
+    p.set_defaults(func=cmd_presets)
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    try:
+        if args.name and "/" in args.name and not args.cost:
+            print(to_yaml(get_preset(args.name, overrides=args.overrides)), end="")
+            return 0
+        names = _select(args.name, tiny=args.tiny)
+        return _cost(names, args.overrides) if args.cost else _list(names)
+    except ConfigError as err:
+        console.print(f"[red]error:[/red] {err}", markup=True, highlight=False)
+        return 2
+
+
+def _select(name: str | None, *, tiny: bool) -> list[str]:
+    names = preset_names(tiny=tiny or name == "tiny")
+    if not name:
+        return names
+    if "/" in name:
+        get_preset(name)  # unknown names fail with suggestions
+        return [name]
+    chosen = [n for n in names if name in n.split("/")]
+    if not chosen:
+        raise ConfigError(
+            f"{name!r} is neither a preset, a task file ({', '.join(task_files())}) "
+            f"nor a design ({', '.join(design_names())})"
+        )
+    return chosen
+
+
+def _list(names: list[str]) -> int:
+    table = Table(title=f"{len(names)} presets")
+    table.add_column("preset", no_wrap=True)
+    for column in ("fusion", "moe", "missing", "what"):
+        table.add_column(column)
+    for name in names:
+        m = get_preset(name).model
+        moe = "dense" if not m.moe.every else f"{m.moe.router} E={m.moe.num_experts} k={m.moe.k}"
+        if m.moe.every and m.moe.communication != "none":
+            moe += f" comm={m.moe.communication}"
+        missing = m.missing.strategy + (f"+drop {m.missing.dropout:g}" if m.missing.dropout else "")
+        table.add_row(name, m.fusion.name, moe, missing, preset_data(name).get("description", ""))
+    console.print(table)
+    return 0
+
+
+def _cost(names: list[str], overrides: list[str]) -> int:
+    import torch
+
+    from modalmoe.data.tasks import load_task
+    from modalmoe.efficiency import measure_cost
+    from modalmoe.model.multimodal import build_model
+
+    table = Table(title="cost per sample (forward, measured on 256 test samples)")
+    table.add_column("preset", no_wrap=True)
+    for column in ("params", "active params", "MFLOPs / sample"):
+        table.add_column(column, justify="right")
+    loaded = {}
+    for name in names:
+        cfg = get_preset(name, overrides=overrides)
+        key = (cfg.task, tuple(sorted(cfg.task_options.items())))
+        if key not in loaded:
+            with console.status(f"loading {cfg.task}"):
+                task = load_task(cfg.task, **cfg.task_options)
+            loaded[key] = (task, task.train.subset(range(min(len(task.train), 2000))))
+        task, train = loaded[key]
+        torch.manual_seed(0)
+        model = build_model(
+            cfg.model,
+            task.specs,
+            task_type=train.task_type,
+            outputs=train.num_classes,
+        ).fit(train)
+        cost = measure_cost(model, task.test.batch(range(min(len(task.test), 256))))
+        table.add_row(name, f"{cost.params:,d}", f"{cost.active_params:,.0f}", f"{cost.flops / 1e6:.3f}")
+    console.print(table)
+    return 0
