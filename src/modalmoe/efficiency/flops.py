@@ -8,6 +8,9 @@ counter attributed to an ``ExpertBank`` is replaced by the exact count of the ro
 expert bank really ran: ``rows x (2*D*W_in + 2*F*D)``. Only experts that run are counted,
 never all E (counting inactive experts is how Mixtral's 80 TFLOPs become 288).
 
+Frozen pretrained feature extractors that cache their outputs (``text_minilm``) count as
+preprocessing, like pre-extracted features: a warm-up pass fills their cache before counting.
+
 Active parameters follow the usual definition (Mixtral, DeepSeek-MoE): the parameters one
 token goes through, i.e. every non-expert parameter plus, per MoE layer, one expert's
 parameters times the average number of expert rows per routed token (k for token choice;
@@ -118,6 +121,12 @@ def measure_cost(model: nn.Module, batch, **forward_kwargs) -> Cost:
 
             hooks.append(layer.register_forward_hook(on_layer))
     try:
+        # One uncounted pass first: frozen pretrained feature extractors (the MiniLM text
+        # encoder) cache their outputs, and like mfeat's pre-extracted features they are
+        # preprocessing, not the model's per-sample cost.
+        model(batch, **forward_kwargs)
+        rows.clear()
+        routed.clear()
         with FlopCounterMode(display=False) as counter:
             model(batch, **forward_kwargs)
     finally:
