@@ -292,3 +292,25 @@ def test_flops_count_only_the_experts_that_run(av):
     assert moe.active_params == pytest.approx(moe.params - 2 * (4 - 2) * per_expert)
     assert dense.active_params == dense.params
     assert moe.components["attention"] > 0 and moe.components["encoders"] > 0
+
+
+@pytest.mark.parametrize(
+    ("kind", "outputs", "shape"), [("multilabel", 5, (6, 5)), ("regression", 1, (6,)), ("regression", 3, (6, 3))]
+)
+def test_multilabel_and_regression_heads(kind, outputs, shape):
+    task = load_task("synthetic", num_samples=60, dim=8)
+    cfg = get_preset("tiny/token-choice", overrides=[f"model.head.kind={kind}"]).model
+    torch.manual_seed(0)
+    model = build_model(cfg, task.specs, task_type="regression", outputs=outputs).fit(task.train)
+    out = model(task.train.batch(range(6)))
+    assert out.logits.shape == shape
+    target = torch.rand(shape)
+    loss = (
+        F.binary_cross_entropy_with_logits(out.logits, target)
+        if kind == "multilabel"
+        else F.mse_loss(out.logits, target)
+    )
+    loss.backward()
+    assert model.head.linear.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="needs `outputs`"):
+        build_model(cfg.model_copy(update={"head": cfg.head.model_copy(update={"kind": "multilabel"})}), task.specs)
