@@ -1,27 +1,76 @@
-"""The ``modalmoe`` command line.
+"""The ``modalmoe`` command line (click).
 
-Commands arrive with the issues that build them (train, eval, bench, analyze, profile,
-data, predict). Every command runs with ``modalmoe.runtime.tune_allocator()`` switched on
-unless ``--allocator default`` is given.
+    modalmoe train av-digits/token-choice --set train.epochs=20 --out runs/av
+    modalmoe train runs/av --resume
+    modalmoe eval runs/av --subsets all --noise 1,3,5
+    modalmoe predict runs/av --input path/to/manifest-dir --out predictions.csv
+    modalmoe presets | data | info
+
+Exit status: 0 on success, 2 for a usage or configuration error (an unknown preset, a bad
+``--set``, a checkpoint that does not match), 1 for a failure at run time (a non-finite
+loss, a download that fails). Errors are one line; ``--debug`` adds the traceback. Every
+command runs with ``modalmoe.runtime.tune_allocator()`` unless ``--allocator default``.
 """
 
 from __future__ import annotations
 
-import argparse
+import json
 import platform
 import sys
+import traceback
+from pathlib import Path
 
+import click
 import torch
+from rich.console import Console
+from rich.markup import escape
 
 import modalmoe
+from modalmoe.config import ConfigError
 from modalmoe.data import cli as data_cli
 from modalmoe.model import cli as model_cli
 from modalmoe.moe import grouped_gemm, routers
 from modalmoe.runtime import allocator_name, tune_allocator
 
+console = Console()
 
-def cmd_info(args: argparse.Namespace) -> int:
-    """Print what this installation runs with."""
+# Errors that mean "what you asked for cannot be done as asked" (exit 2).
+USAGE_ERRORS: tuple[type[Exception], ...] = (ConfigError,)
+
+
+def _usage_errors() -> tuple[type[Exception], ...]:
+    from modalmoe.data.formats import DataFormatError
+    from modalmoe.train.checkpoint import CheckpointError
+
+    return (*USAGE_ERRORS, CheckpointError, DataFormatError)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(modalmoe.__version__, prog_name="modalmoe")
+@click.option(
+    "--allocator",
+    type=click.Choice(["tuned", "default"]),
+    default="tuned",
+    help="'tuned' keeps large temporaries in the heap (glibc mallopt; see modalmoe.runtime)",
+)
+@click.option("--debug", is_flag=True, help="show tracebacks on errors")
+@click.pass_context
+def cli(ctx: click.Context, allocator: str, debug: bool) -> None:
+    """Efficient multimodal Mixture-of-Experts learning."""
+    ctx.obj = {"debug": debug}
+    if allocator == "tuned":
+        tune_allocator()
+
+
+@cli.command(help="Versions, threads, kernels and every registered component.")
+def info() -> int:
+    from modalmoe.data.tasks import tasks
+    from modalmoe.encoders import encoders
+    from modalmoe.model.fusion import fusions
+    from modalmoe.model.presets import design_names, task_files
+    from modalmoe.moe.communication import communications
+    from modalmoe.objectives import objectives
+
     rows = {
         "modalmoe": modalmoe.__version__,
         "python": platform.python_version(),
@@ -32,6 +81,12 @@ def cmd_info(args: argparse.Namespace) -> int:
         if grouped_gemm.available(torch.ones(1))
         else "fallback (padded bmm + per-expert tails)",
         "routers": ", ".join(routers.names()),
+        "communication": ", ".join(communications.names()),
+        "encoders": ", ".join(encoders.names()),
+        "fusions": ", ".join(fusions.names()),
+        "objectives": ", ".join(objectives.names()),
+        "tasks": ", ".join(tasks.names()),
+        "presets": f"<task>/<design>: tasks {', '.join(task_files())}; designs {', '.join(design_names())}",
     }
     width = max(map(len, rows))
     for key, value in rows.items():
@@ -39,28 +94,124 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="modalmoe", description="Efficient multimodal Mixture-of-Experts learning.")
-    parser.add_argument("--version", action="version", version=f"modalmoe {modalmoe.__version__}")
-    parser.add_argument(
-        "--allocator",
-        choices=["tuned", "default"],
-        default="tuned",
-        help="'tuned' keeps large temporaries in the heap (glibc mallopt; see modalmoe.runtime)",
+def _experiment(source: str, overrides: tuple[str, ...]):
+    """A preset name, a YAML file, or a run directory -> ``ExperimentConfig``."""
+    from modalmoe.config import load_config
+    from modalmoe.model.presets import get_preset
+
+    path = Path(source)
+    if path.is_dir() and (path / "config.yaml").is_file():
+        return load_config(path / "config.yaml", overrides=overrides)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        return load_config(path, overrides=overrides)
+    return get_preset(source, overrides=overrides)
+
+
+@cli.command(help="Train a preset (<task>/<design>), a YAML config, or continue a run directory.")
+@click.argument("config")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a config value (repeatable)")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="run directory (default runs/<name>)")
+@click.option("--resume", is_flag=True, help="continue the run in --out (or CONFIG's run directory) exactly")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def train(config: str, overrides: tuple[str, ...], out: str | None, resume: bool, quiet: bool) -> int:
+    from modalmoe.train import Trainer
+
+    experiment = _experiment(config, overrides)
+    if out is None:
+        source = Path(config)
+        out = str(source) if source.is_dir() else str(Path("runs") / (experiment.name or source.stem).replace("/", "-"))
+    result = Trainer(experiment, out, progress=not quiet, console=console).fit(resume=resume)
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in result.test.items())
+    console.print(f"trained {result.steps} steps ({result.epochs} epochs) -> {result.run_dir}; test: {shown}")
+    return 0
+
+
+@cli.command("eval", help="Evaluate a run's best checkpoint: metrics, every modality subset, noise.")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--split", type=click.Choice(["test", "valid", "train"]), default="test")
+@click.option("--subsets", type=click.Choice(["all", "none"]), default="all", help="every non-empty modality subset")
+@click.option("--noise", default="", help="noise severities, e.g. 1,3,5 (0 is clean)")
+@click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="also write the report here")
+def evaluate_command(run_dir: str, split: str, subsets: str, noise: str, checkpoint: str, json_path: str | None) -> int:
+    from modalmoe.data.tasks import load_task
+    from modalmoe.evaluate.runner import evaluate
+    from modalmoe.io import atomic_write_text
+    from modalmoe.train.trainer import load_run_model, read_run_config
+
+    levels = _levels(noise)
+    config = read_run_config(run_dir)
+    task = load_task(config.task, **config.task_options)
+    model = load_run_model(run_dir, which=checkpoint)
+    report = evaluate(
+        model,
+        task.splits[split],
+        kind=model.head.kind,
+        subsets=subsets == "all",
+        noise_levels=levels,
+        train_scale=task.train,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="versions, threads, allocator, kernels and registered components")
-    info.set_defaults(func=cmd_info)
-    data_cli.add_commands(sub)
-    model_cli.add_commands(sub)
-    return parser
+    report.print(console)
+    payload = json.dumps({"run": str(run_dir), "split": split, "checkpoint": checkpoint, **report.to_dict()}, indent=2)
+    atomic_write_text(Path(json_path) if json_path else Path(run_dir) / f"eval-{split}.json", payload)
+    return 0
+
+
+def _levels(text: str) -> list[int]:
+    try:
+        levels = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: give severities as integers, e.g. 1,3,5", param_hint="--noise") from None
+    return sorted({0, *levels}) if levels else []
+
+
+@cli.command(help="Predict with a trained run on a data directory (manifest format) or a bundled task.")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--input", "source", required=True, help="a manifest directory or a bundled task name")
+@click.option("--split", default="all", help="train, valid, test, or all")
+@click.option("--modalities", default=None, help="comma-separated subset of the model's modalities to use")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None, help="file.csv or file.json")
+def predict(run_dir: str, source: str, split: str, modalities: str | None, out_path: str | None) -> int:
+    from modalmoe.train.predict import predict_to_file
+
+    rows = predict_to_file(
+        run_dir,
+        source,
+        split=split,
+        modalities=None if modalities is None else [m.strip() for m in modalities.split(",") if m.strip()],
+        out=out_path,
+    )
+    console.print(f"{rows} predictions" + (f" -> {out_path}" if out_path else ""))
+    return 0
+
+
+data_cli.register(cli)
+model_cli.register(cli)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.allocator == "tuned":
-        tune_allocator()
-    return args.func(args)
+    """Run the command line; returns the exit status (0 ok, 1 failure, 2 usage/config error)."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        result = cli.main(args=argv, prog_name="modalmoe", standalone_mode=False)
+    except click.exceptions.Exit as stop:
+        return stop.exit_code
+    except click.ClickException as err:
+        err.show()
+        return err.exit_code
+    except click.Abort:
+        console.print("aborted")
+        return 1
+    except Exception as err:  # one clear line; the traceback only on request
+        usage = isinstance(err, _usage_errors())
+        if debug:
+            traceback.print_exc()
+        message = str(err).strip() or type(err).__name__
+        console.print("[red]error:[/red]", escape(message), highlight=False)
+        if not debug:
+            console.print("(run with --debug for the traceback)", style="dim")
+        return 2 if usage else 1
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

@@ -166,8 +166,90 @@ class ModelConfig(_Strict):
         return self
 
 
+class ObjectiveConfig(_Strict):
+    """One training objective (``modalmoe.objectives``).
+
+    Attributes:
+        name: a registered objective (``cross_entropy``, ``bce``, ``mse``, ``infonce``,
+            ``matching``, ``masked``).
+        weight: its weight in the total loss.
+        options: its own arguments (``label_smoothing``, ``pairs``, ``modality``, ``ratio``, ...).
+    """
+
+    name: str
+    weight: float = Field(1.0, ge=0.0)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class EarlyStoppingConfig(_Strict):
+    """Stop when the validation metric has not improved for ``patience`` evaluations.
+
+    Attributes:
+        metric: a validation metric (``accuracy``, ``macro_f1``, ``auroc``, ``loss``, ``mse``, ...).
+        mode: ``max`` or ``min``.
+        patience: evaluations without improvement before stopping; 0 never stops early.
+    """
+
+    metric: str = "accuracy"
+    mode: Literal["max", "min"] = "max"
+    patience: int = Field(8, ge=0)
+
+
+class OGMConfig(_Strict):
+    """On-the-fly gradient modulation with generalisation enhancement (OGM-GE, Peng et al. 2022).
+
+    Attributes:
+        enabled: modulate the encoders' gradients by how dominant each modality is.
+        alpha: modulation strength.
+        noise: add the Gaussian "generalisation enhancement" noise to modulated gradients.
+    """
+
+    enabled: bool = False
+    alpha: float = Field(0.5, ge=0.0)
+    noise: bool = True
+
+
+class TrainConfig(_Strict):
+    """How to train.
+
+    Attributes:
+        epochs: passes over the training split.
+        batch_size: samples per optimisation step (per micro-batch with ``accumulate``).
+        lr: AdamW peak learning rate.
+        weight_decay: AdamW weight decay.
+        warmup: fraction of all steps with linear warmup; then cosine decay to ``min_lr_ratio * lr``.
+        min_lr_ratio: final learning rate as a fraction of ``lr``.
+        clip_norm: gradient clipping max norm (None: no clipping).
+        accumulate: micro-batches per optimiser step.
+        seed: seeds the model init, data order, dropout and every random draw.
+        objectives: weighted objectives; empty means the head's supervised loss
+            (cross-entropy, BCE or MSE).
+        aux_weights: weight of each MoE aux loss; each must be in ``model.moe.aux_losses``.
+        early_stopping: on a validation metric, or None.
+        eval_every: evaluate on the validation split every this many epochs.
+        checkpoint_every: also checkpoint every this many optimiser steps (None: per epoch only).
+        ogm: OGM-GE for modality imbalance.
+    """
+
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    warmup: float = Field(0.05, ge=0.0, lt=1.0)
+    min_lr_ratio: float = Field(0.01, ge=0.0, le=1.0)
+    clip_norm: float | None = Field(1.0, gt=0.0)
+    accumulate: int = Field(1, ge=1)
+    seed: int = 0
+    objectives: list[ObjectiveConfig] = Field(default_factory=list)
+    aux_weights: dict[str, float] = Field(default_factory=lambda: {"load_balance": 0.01, "z_loss": 0.001})
+    early_stopping: EarlyStoppingConfig | None = Field(default_factory=EarlyStoppingConfig)
+    eval_every: int = Field(1, ge=1)
+    checkpoint_every: int | None = Field(None, ge=1)
+    ogm: OGMConfig = Field(default_factory=OGMConfig)
+
+
 class ExperimentConfig(_Strict):
-    """A task and a model.
+    """A task, a model and how to train it.
 
     Attributes:
         name: the preset name (informational).
@@ -175,6 +257,7 @@ class ExperimentConfig(_Strict):
         task: a bundled task name (``modalmoe data list``).
         task_options: the task's own options (synthetic tasks take sizes and noise).
         model: the model.
+        train: the training recipe.
     """
 
     name: str = ""
@@ -182,6 +265,19 @@ class ExperimentConfig(_Strict):
     task: str
     task_options: dict[str, Any] = Field(default_factory=dict)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _aux_losses_computed(self) -> ExperimentConfig:
+        if not self.model.moe.every:
+            return self
+        missing = [n for n, w in self.train.aux_weights.items() if w and n not in self.model.moe.aux_losses]
+        if missing:
+            raise ValueError(
+                f"train.aux_weights weights {missing}, which the MoE layers do not compute; add them to "
+                f"model.moe.aux_losses (now {self.model.moe.aux_losses}) or set their weight to 0"
+            )
+        return self
 
 
 def _known(registry, name: str) -> None:

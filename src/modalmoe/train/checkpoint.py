@@ -1,0 +1,231 @@
+"""Checkpoints: one safetensors file each, written atomically, loaded without unpickling.
+
+A checkpoint holds every tensor of a training run (model and objective parameters and
+buffers, AdamW's moments, the torch RNG state) as safetensors tensors, and everything else
+(the experiment config, progress: step, epoch, position in the epoch, early-stopping state;
+the scheduler; optimizer hyper-parameters; modules' extra state such as a trained tokenizer)
+as JSON strings in the safetensors metadata. One file per checkpoint means one atomic
+rename (``modalmoe.io.atomic_path``: temp file, fsync, rename): a reader, or a run resumed
+after SIGKILL, sees the previous checkpoint or the complete new one, never a mixture.
+
+Loading never unpickles: safetensors parses a JSON header and raw tensor bytes, and the
+metadata is JSON. A truncated or foreign file, a file from another format version, or a
+checkpoint whose config or tensor shapes differ from the model is refused with a message
+that says what differs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from torch import Tensor, nn
+
+from modalmoe.io import atomic_path
+
+FORMAT = "modalmoe-checkpoint/1"
+_MODEL, _OPTIM, _RNG = "module/", "optimizer/", "rng/torch"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message says why and what to do."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint.
+
+    Attributes:
+        path: where it came from.
+        tensors: name -> tensor, as stored.
+        config: the experiment config (a JSON mapping).
+        progress: step, epoch, batch, early-stopping state, ...
+        meta: the other JSON sections (``extra_state``, ``optimizer``, ``scheduler``).
+    """
+
+    path: Path
+    tensors: dict[str, Tensor]
+    config: dict
+    progress: dict
+    meta: dict
+
+    def module_state(self) -> dict[str, Any]:
+        """The container module's ``state_dict`` (tensors plus extra state)."""
+        state: dict[str, Any] = {k[len(_MODEL) :]: v for k, v in self.tensors.items() if k.startswith(_MODEL)}
+        state.update(self.meta.get("extra_state", {}))
+        return state
+
+    def model_state(self, prefix: str = "model.") -> dict[str, Any]:
+        """The model's own ``state_dict`` (the container's entries under ``prefix``)."""
+        return {k[len(prefix) :]: v for k, v in self.module_state().items() if k.startswith(prefix)}
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    module: nn.Module,
+    config: dict,
+    progress: dict,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+) -> Path:
+    """Write a checkpoint atomically.
+
+    Args:
+        path: the ``.safetensors`` file to (re)place.
+        module: the module whose ``state_dict`` is saved (model and objectives).
+        config: the experiment config as a JSON-safe mapping.
+        progress: JSON-safe training progress.
+        optimizer, scheduler: saved when given.
+    """
+    tensors: dict[str, Tensor] = {}
+    extra: dict[str, Any] = {}
+    for key, value in module.state_dict().items():
+        if isinstance(value, Tensor):
+            # Clone: safetensors refuses tensors that share storage (views, tied weights).
+            tensors[_MODEL + key] = value.detach().cpu().contiguous().clone()
+        else:
+            extra[key] = _json_safe(value, f"extra state {key!r}")
+    meta: dict[str, Any] = {"extra_state": extra}
+    if optimizer is not None:
+        state = optimizer.state_dict()
+        plain: dict[str, dict] = {}
+        for index, entries in state["state"].items():
+            for name, value in entries.items():
+                if isinstance(value, Tensor):
+                    tensors[f"{_OPTIM}{index}/{name}"] = value.detach().cpu().contiguous().clone()
+                else:
+                    plain.setdefault(str(index), {})[name] = _json_safe(value, f"optimizer state {name!r}")
+        meta["optimizer"] = {"param_groups": _json_safe(state["param_groups"], "param_groups"), "plain": plain}
+    if scheduler is not None:
+        meta["scheduler"] = _json_safe(scheduler.state_dict(), "scheduler state")
+    tensors[_RNG] = torch.get_rng_state()
+    metadata = {
+        "format": FORMAT,
+        "config": json.dumps(config),
+        "progress": json.dumps(progress),
+        **{k: json.dumps(v) for k, v in meta.items()},
+    }
+    path = Path(path)
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint; refuse missing, truncated, foreign or other-version files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {str(path)!r}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{str(path)!r} is not a readable checkpoint (truncated or not a safetensors file: {err}); "
+            "use another checkpoint (best/last) or retrain"
+        ) from None
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{str(path)!r} is not a {FORMAT} checkpoint (format {metadata.get('format')!r}); "
+            "it was not written by this version of modalmoe's trainer"
+        )
+    try:
+        sections = {k: json.loads(v) for k, v in metadata.items() if k != "format"}
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{str(path)!r} has corrupt metadata ({err})") from None
+    config, progress = sections.pop("config", None), sections.pop("progress", None)
+    if config is None or progress is None:
+        raise CheckpointError(f"{str(path)!r} lacks its config or progress section")
+    return Checkpoint(path=path, tensors=tensors, config=config, progress=progress, meta=sections)
+
+
+def config_differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    """Human-readable differences between two JSON configs (``key: saved -> current``)."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = []
+        for key in sorted(set(saved) | set(current), key=str):
+            where = f"{prefix}.{key}" if prefix else str(key)
+            if key not in saved:
+                out.append(f"{where}: (absent) -> {current[key]!r}")
+            elif key not in current:
+                out.append(f"{where}: {saved[key]!r} -> (absent)")
+            else:
+                out.extend(config_differences(saved[key], current[key], where))
+        return out
+    return [] if saved == current else [f"{prefix}: {saved!r} -> {current!r}"]
+
+
+def check_config(
+    checkpoint: Checkpoint, config: dict, *, sections: tuple[str, ...] = ("task", "task_options", "model")
+):
+    """Refuse a checkpoint whose config differs from ``config`` in ``sections``."""
+    diffs = []
+    for section in sections:
+        diffs += config_differences(checkpoint.config.get(section), config.get(section), section)
+    if diffs:
+        shown = "; ".join(diffs[:8]) + (f"; ... ({len(diffs)} in all)" if len(diffs) > 8 else "")
+        raise CheckpointError(
+            f"{str(checkpoint.path)!r} was written for a different config ({shown}); "
+            "resume with the run's own config, or start a new run in another --out directory"
+        )
+
+
+def restore_module(module: nn.Module, state: dict[str, Any], source: str) -> None:
+    """``load_state_dict`` that explains mismatches instead of raising PyTorch's wall of text."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} in the checkpoint, {tuple(own[k].shape)} in the model"
+        for k in sorted(set(own) & set(state))
+        if isinstance(own[k], Tensor) and isinstance(state[k], Tensor) and own[k].shape != state[k].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        if shapes:
+            parts.append("shape mismatch " + "; ".join(shapes[:5]))
+        raise CheckpointError(f"{source} does not match the model: " + "; ".join(parts))
+    module.load_state_dict(state)
+
+
+def restore_training(
+    checkpoint: Checkpoint,
+    *,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> None:
+    """Put module, optimizer, scheduler and the torch RNG back exactly as they were saved."""
+    restore_module(module, checkpoint.module_state(), f"checkpoint {str(checkpoint.path)!r}")
+    saved = checkpoint.meta.get("optimizer")
+    if saved is None:
+        raise CheckpointError(f"{str(checkpoint.path)!r} has no optimizer state; it cannot be resumed")
+    state: dict[int, dict] = {}
+    for key, value in checkpoint.tensors.items():
+        if key.startswith(_OPTIM):
+            index, name = key[len(_OPTIM) :].split("/", 1)
+            state.setdefault(int(index), {})[name] = value
+    for index, entries in saved["plain"].items():
+        state.setdefault(int(index), {}).update(entries)
+    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+    if scheduler is not None and "scheduler" in checkpoint.meta:
+        scheduler.load_state_dict(checkpoint.meta["scheduler"])
+    torch.set_rng_state(checkpoint.tensors[_RNG])
+
+
+def _json_safe(value: Any, what: str) -> Any:
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{what} cannot be stored as JSON ({err}); checkpoints never pickle") from None

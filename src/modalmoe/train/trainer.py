@@ -1,0 +1,406 @@
+"""The trainer: one config in, a run directory out; resumable, exactly.
+
+    from modalmoe.model.presets import get_preset
+    from modalmoe.train import Trainer
+    result = Trainer(get_preset("av-digits/token-choice"), out="runs/av").fit()
+
+A run directory holds ``config.yaml`` (the resolved experiment), ``metrics.jsonl`` (one JSON
+object per logged step and per evaluation), ``tb/`` (TensorBoard event files),
+``checkpoints/last.safetensors`` and ``checkpoints/best.safetensors``, and, when training
+ends, ``summary.json`` (best validation and test metrics).
+
+Exact resume: data order is a function of (seed, epoch), every random draw goes through
+torch's global RNG, whose state is checkpointed, and checkpoints are taken only between
+optimiser steps, so a resumed run replays the same batches with the same random numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import Tensor, nn
+
+from modalmoe.config import ExperimentConfig, to_yaml
+from modalmoe.data.batch import ModalitySpec
+from modalmoe.data.tasks import load_task
+from modalmoe.io import atomic_write_text
+from modalmoe.model.multimodal import MultimodalModel, build_model
+from modalmoe.train.checkpoint import (
+    CheckpointError,
+    check_config,
+    load_checkpoint,
+    restore_training,
+    save_checkpoint,
+)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, ...); the message names the step and the cause."""
+
+
+@dataclass
+class TrainResult:
+    """What ``Trainer.fit`` returns."""
+
+    run_dir: Path
+    steps: int
+    epochs: int
+    best: dict = field(default_factory=dict)
+    test: dict = field(default_factory=dict)
+    stopped_early: bool = False
+
+
+def warmup_cosine(total_steps: int, warmup: float, min_ratio: float):
+    """LR multiplier: linear warmup over ``warmup * total`` steps, then cosine to ``min_ratio``."""
+    warm = max(1, round(warmup * total_steps)) if warmup > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (the only RNG the library draws from)."""
+    torch.manual_seed(seed)
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int) -> Tensor:
+    """The training order of an epoch: a permutation that depends only on (seed, epoch)."""
+    return torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+class Trainer:
+    """Train one experiment into a run directory.
+
+    Args:
+        config: the experiment (task, model, training recipe).
+        out: the run directory (created; an existing run is resumed only with ``fit(resume=True)``).
+        task: an already loaded task (default: ``load_task(config.task, **config.task_options)``).
+        progress: show a progress bar.
+        console: where to print.
+    """
+
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        out: str | Path,
+        *,
+        task=None,
+        progress: bool = True,
+        console: Console | None = None,
+    ) -> None:
+        self.config, self.out = config, Path(out)
+        self.console = console or Console()
+        self.show_progress = progress
+        self.task = task if task is not None else load_task(config.task, **config.task_options)
+        self.checkpoints = self.out / "checkpoints"
+
+    # --- building -------------------------------------------------------------------------
+
+    def build(self) -> tuple[MultimodalModel, nn.Module]:
+        """The model (fitted on the training split) and the objectives, seeded."""
+        from modalmoe.objectives import build_objectives
+
+        seed_everything(self.config.train.seed)
+        train = self.task.train
+        model = build_model(self.config.model, self.task.specs, task_type=train.task_type, outputs=_outputs(train)).fit(
+            train
+        )
+        objectives = build_objectives(self.config.train.objectives, head_kind=model.head.kind, dim=model.fusion.dim)
+        return model, objectives
+
+    def _optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
+        # No weight decay on biases, norms, embeddings-as-vectors and scalars (the usual AdamW recipe).
+        decay, no_decay = [], []
+        for p in module.parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        cfg = self.config.train
+        return torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr,
+        )
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def fit(self, *, resume: bool = False) -> TrainResult:
+        """Train; with ``resume``, continue exactly from ``checkpoints/last.safetensors``."""
+        cfg = self.config.train
+        config_json = self.config.model_dump(mode="json")
+        last_path, best_path = self.checkpoints / "last.safetensors", self.checkpoints / "best.safetensors"
+        if not resume and last_path.exists():
+            raise CheckpointError(
+                f"{str(self.out)!r} already holds a run; pass --resume to continue it, or choose another --out"
+            )
+        model, objectives = self.build()
+        module = nn.ModuleDict({"model": model, "objectives": objectives})
+        optimizer = self._optimizer(module)
+        train = self.task.train
+        batches_per_epoch = math.ceil(len(train) / cfg.batch_size)
+        steps_per_epoch = math.ceil(batches_per_epoch / cfg.accumulate)
+        total_steps = cfg.epochs * steps_per_epoch
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(total_steps, cfg.warmup, cfg.min_lr_ratio)
+        )
+        progress = {"step": 0, "epoch": 0, "batch": 0, "best": None, "bad_evals": 0, "stopped_early": False}
+        if resume:
+            checkpoint = load_checkpoint(last_path)
+            check_config(checkpoint, config_json, sections=("task", "task_options", "model", "train"))
+            restore_training(checkpoint, module=module, optimizer=optimizer, scheduler=scheduler)
+            progress = checkpoint.progress
+            self.console.print(f"resuming {self.out} at step {progress['step']} (epoch {progress['epoch']})")
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / "config.yaml", to_yaml(self.config))
+            write_task_info(self.out, self.task)
+        log = _Log(self.out, purge_after=progress["step"] if resume else None)
+
+        def checkpoint_to(path: Path) -> None:
+            save_checkpoint(
+                path, module=module, config=config_json, progress=progress, optimizer=optimizer, scheduler=scheduler
+            )
+
+        started = time.perf_counter()
+        terms: dict[str, float] = {"loss": float("nan")}
+        bar = _bar(self.console, total_steps, self.show_progress)
+        with bar:
+            task_id = bar.add_task("train", total=total_steps, completed=progress["step"], info="")
+            while progress["epoch"] < cfg.epochs and not progress["stopped_early"]:
+                epoch = progress["epoch"]
+                order = epoch_order(len(train), cfg.seed, epoch)
+                module.train()
+                micro = 0
+                for index in range(progress["batch"], batches_per_epoch):
+                    batch = train.batch(order[index * cfg.batch_size : (index + 1) * cfg.batch_size])
+                    terms = self._backward(model, objectives, batch, progress["step"], scale=1 / cfg.accumulate)
+                    micro += 1
+                    if micro % cfg.accumulate and index + 1 < batches_per_epoch:
+                        continue
+                    modulation = self._modulate(model, batch)
+                    if cfg.clip_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.clip_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    progress["step"] += 1
+                    progress["batch"] = index + 1
+                    record = {"step": progress["step"], "epoch": epoch, "lr": scheduler.get_last_lr()[0], **terms}
+                    log.write("train", record | modulation)
+                    bar.update(task_id, advance=1, info=f"loss {terms['loss']:.4f}")
+                    if cfg.checkpoint_every and progress["step"] % cfg.checkpoint_every == 0:
+                        checkpoint_to(last_path)
+                progress["epoch"], progress["batch"] = epoch + 1, 0
+                if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                    metrics = self.validate(model)
+                    log.write("valid", {"step": progress["step"], "epoch": epoch + 1, **metrics})
+                    improved = self._early_stopping(progress, metrics)
+                    if improved:
+                        checkpoint_to(best_path)
+                    shown = f"{self._metric_name()} {metrics[self._metric_name()]:.4f}"
+                    bar.update(task_id, info=f"loss {terms['loss']:.4f} | valid {shown}")
+                checkpoint_to(last_path)
+        log.close()
+        return self._finish(progress, best_path, time.perf_counter() - started)
+
+    def _backward(self, model, objectives, batch, step: int, scale: float) -> dict[str, float]:
+        output = model(batch)
+        total, terms = objectives(output, batch, model)
+        weights = self.config.train.aux_weights
+        for name, weight in weights.items():
+            if weight and name in output.aux_losses:
+                value = output.aux_losses[name]
+                terms[f"aux/{name}"] = value
+                total = total + weight * value
+        for name, value in terms.items():
+            if not torch.isfinite(value).all():
+                raise TrainingError(
+                    f"step {step + 1}: loss term {name!r} is {float(value.detach())} (not finite); training "
+                    f"stopped and the last good checkpoint in {str(self.checkpoints)!r} is kept. Lower "
+                    "train.lr, enable train.clip_norm, or check the inputs for NaN/Inf"
+                )
+        (total * scale).backward()
+        out = {name: float(value.detach()) for name, value in terms.items()}
+        out["loss"] = float(total.detach())
+        return out
+
+    def _modulate(self, model, batch) -> dict[str, float]:
+        ogm = self.config.train.ogm
+        if not ogm.enabled:
+            return {}
+        from modalmoe.objectives.ogm import ogm_ge
+
+        with torch.no_grad():
+            output = model(batch)
+        coefficients = ogm_ge(model, output, batch, alpha=ogm.alpha, noise=ogm.noise)
+        return {f"ogm/{k}": v for k, v in coefficients.items()}
+
+    def _metric_name(self) -> str:
+        stop = self.config.train.early_stopping
+        if stop is not None:
+            return stop.metric
+        from modalmoe.evaluate.metrics import PRIMARY
+
+        return PRIMARY[self._head_kind()][0]
+
+    def _head_kind(self) -> str:
+        kind = self.config.model.head.kind
+        return kind or ("classification" if self.task.train.task_type == "classification" else "regression")
+
+    def validate(self, model: MultimodalModel) -> dict[str, float]:
+        """Metrics of ``model`` on the validation split."""
+        from modalmoe.evaluate.metrics import task_metrics
+        from modalmoe.evaluate.runner import predict
+
+        pred = predict(model, self.task.valid, batch_size=256)
+        return task_metrics(pred.logits, pred.target, self._head_kind())
+
+    def _early_stopping(self, progress: dict, metrics: dict) -> bool:
+        """Update the best metric; True when this evaluation is the best so far."""
+        stop = self.config.train.early_stopping
+        name = self._metric_name()
+        mode = stop.mode if stop is not None else "max"
+        if name not in metrics:
+            raise TrainingError(
+                f"early-stopping metric {name!r} is not among the validation metrics {sorted(metrics)}; "
+                "set train.early_stopping.metric to one of them"
+            )
+        value = metrics[name]
+        best = progress["best"]
+        improved = best is None or (value > best if mode == "max" else value < best)
+        if improved:
+            progress["best"], progress["bad_evals"] = value, 0
+        else:
+            progress["bad_evals"] += 1
+            if stop is not None and stop.patience and progress["bad_evals"] >= stop.patience:
+                progress["stopped_early"] = True
+        return improved
+
+    def _finish(self, progress: dict, best_path: Path, seconds: float) -> TrainResult:
+        from modalmoe.evaluate.metrics import task_metrics
+        from modalmoe.evaluate.runner import predict
+
+        model = load_run_model(self.out, which="best")
+        test_pred = predict(model, self.task.test, batch_size=256)
+        test = task_metrics(test_pred.logits, test_pred.target, self._head_kind())
+        best = self.validate(model)
+        summary = {
+            "name": self.config.name,
+            "task": self.config.task,
+            "steps": progress["step"],
+            "epochs": progress["epoch"],
+            "stopped_early": progress["stopped_early"],
+            "train_seconds": round(seconds, 2),
+            "valid": best,
+            "test": test,
+        }
+        atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
+        return TrainResult(self.out, progress["step"], progress["epoch"], best, test, progress["stopped_early"])
+
+
+def _outputs(dataset) -> int | None:
+    if dataset.task_type == "classification":
+        return dataset.num_classes
+    return 1 if dataset.target.dim() == 1 else dataset.target.shape[1]
+
+
+def read_run_config(run_dir: str | Path) -> ExperimentConfig:
+    """The experiment config of a run directory."""
+    from modalmoe.config import load_config
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise CheckpointError(f"{str(run_dir)!r} is not a run directory (no config.yaml); see `modalmoe train`")
+    return load_config(path)
+
+
+def write_task_info(run_dir: Path, task) -> None:
+    """``task.json``: what a trained model needs to be rebuilt without its training data
+    (modality specs, task type, outputs, class names)."""
+    train = task.train
+    info = {
+        "task": task.name,
+        "task_type": train.task_type,
+        "outputs": _outputs(train),
+        "classes": list(train.classes) if train.classes is not None else None,
+        "specs": {name: dataclasses.asdict(spec) for name, spec in task.specs.items()},
+    }
+    atomic_write_text(run_dir / "task.json", json.dumps(info, indent=2))
+
+
+def read_task_info(run_dir: str | Path) -> dict:
+    """``task.json`` of a run, with ``specs`` as ``ModalitySpec`` objects."""
+    path = Path(run_dir) / "task.json"
+    if not path.is_file():
+        raise CheckpointError(f"{str(run_dir)!r} is not a run directory (no task.json); see `modalmoe train`")
+    info = json.loads(path.read_text())
+    info["specs"] = {name: ModalitySpec(**spec) for name, spec in info["specs"].items()}
+    return info
+
+
+def load_run_model(run_dir: str | Path, *, which: str = "best") -> MultimodalModel:
+    """The trained model of a run (``best`` or ``last`` checkpoint), in eval mode; the
+    training data is not needed."""
+    from modalmoe.train.checkpoint import restore_module
+
+    config = read_run_config(run_dir)
+    info = read_task_info(run_dir)
+    path = Path(run_dir) / "checkpoints" / f"{which}.safetensors"
+    checkpoint = load_checkpoint(path)
+    check_config(checkpoint, config.model_dump(mode="json"))
+    model = build_model(config.model, info["specs"], task_type=info["task_type"], outputs=info["outputs"])
+    restore_module(model, checkpoint.model_state(), f"checkpoint {str(path)!r}")
+    return model.eval()
+
+
+class _Log:
+    """metrics.jsonl plus TensorBoard event files; on resume, drops what came after the checkpoint."""
+
+    def __init__(self, out: Path, purge_after: int | None) -> None:
+        self.path = out / "metrics.jsonl"
+        if purge_after is not None and self.path.exists():
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= purge_after
+            ]
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        self.file = open(self.path, "a")  # noqa: SIM115  (closed by close())
+        from tensorboardX import SummaryWriter
+
+        self.tb = SummaryWriter(str(out / "tb"), purge_step=purge_after + 1 if purge_after else None)
+
+    def write(self, split: str, record: dict) -> None:
+        self.file.write(json.dumps({"split": split, **record}) + "\n")
+        self.file.flush()
+        for key, value in record.items():
+            if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                self.tb.add_scalar(f"{split}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        self.tb.close()
+
+
+def _bar(console: Console, total: int, show: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        disable=not show,
+        transient=False,
+    )
