@@ -134,14 +134,13 @@ def train(config: str, overrides: tuple[str, ...], out: str | None, resume: bool
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="also write the report here")
 def evaluate_command(run_dir: str, split: str, subsets: str, noise: str, checkpoint: str, json_path: str | None) -> int:
-    from modalmoe.data.tasks import load_task
     from modalmoe.evaluate.runner import evaluate
     from modalmoe.io import atomic_write_text
-    from modalmoe.train.trainer import load_run_model, read_run_config
+    from modalmoe.train.trainer import experiment_task, load_run_model, read_run_config
 
     levels = _levels(noise)
     config = read_run_config(run_dir)
-    task = load_task(config.task, **config.task_options)
+    task = experiment_task(config)
     model = load_run_model(run_dir, which=checkpoint)
     report = evaluate(
         model,

@@ -256,6 +256,8 @@ class ExperimentConfig(_Strict):
         description: one line about the design.
         task: a bundled task name (``modalmoe data list``).
         task_options: the task's own options (synthetic tasks take sizes and noise).
+        modalities: train on only these modalities of the task (None: all); e.g. the
+            unimodal reference a missing-modality model is compared with.
         model: the model.
         train: the training recipe.
     """
@@ -264,6 +266,7 @@ class ExperimentConfig(_Strict):
     description: str = ""
     task: str
     task_options: dict[str, Any] = Field(default_factory=dict)
+    modalities: list[str] | None = None
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 

@@ -332,6 +332,30 @@ class MultimodalDataset(torch.utils.data.Dataset):
             extras=self.extras,
         )
 
+    def select(self, modalities: Sequence[str]) -> MultimodalDataset:
+        """A new dataset with only these modalities (the others are gone, not absent).
+
+        Samples left with none of them are dropped, since no model can predict them.
+        """
+        unknown = [m for m in modalities if m not in self.specs]
+        if unknown or not modalities:
+            raise ValueError(f"select needs some of the modalities {list(self.specs)}; got {list(modalities)}")
+        keep = torch.zeros(len(self), dtype=torch.bool)
+        for m in modalities:
+            keep |= self.present[m]
+        selected = MultimodalDataset(
+            specs={m: self.specs[m] for m in modalities},
+            inputs={m: self.inputs[m] for m in modalities},
+            target=self.target,
+            present={m: self.present[m] for m in modalities},
+            lengths={m: v for m, v in self.lengths.items() if m in modalities},
+            classes=self.classes,
+            task_type=self.task_type,
+            groups=self.groups,
+            extras=self.extras,
+        )
+        return selected if bool(keep.all()) else selected.subset(keep.nonzero().squeeze(1))
+
     def batches(
         self, batch_size: int, *, shuffle: bool = False, seed: int = 0, drop_last: bool = False
     ) -> Iterator[MultimodalBatch]:
@@ -358,6 +382,14 @@ class Task:
     name: str
     splits: dict[str, MultimodalDataset]
     description: str = ""
+
+    def select(self, modalities: Sequence[str]) -> Task:
+        """The task restricted to these modalities (see ``MultimodalDataset.select``)."""
+        return Task(
+            name=self.name,
+            splits={k: v.select(modalities) for k, v in self.splits.items()},
+            description=self.description,
+        )
 
     @property
     def train(self) -> MultimodalDataset:

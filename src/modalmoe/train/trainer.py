@@ -58,6 +58,12 @@ class TrainResult:
     stopped_early: bool = False
 
 
+def experiment_task(config: ExperimentConfig):
+    """The task an experiment trains on: the bundled task, restricted to ``config.modalities``."""
+    task = load_task(config.task, **config.task_options)
+    return task.select(config.modalities) if config.modalities else task
+
+
 def warmup_cosine(total_steps: int, warmup: float, min_ratio: float):
     """LR multiplier: linear warmup over ``warmup * total`` steps, then cosine to ``min_ratio``."""
     warm = max(1, round(warmup * total_steps)) if warmup > 0 else 0
@@ -104,7 +110,7 @@ class Trainer:
         self.config, self.out = config, Path(out)
         self.console = console or Console()
         self.show_progress = progress
-        self.task = task if task is not None else load_task(config.task, **config.task_options)
+        self.task = task if task is not None else experiment_task(config)
         self.checkpoints = self.out / "checkpoints"
 
     # --- building -------------------------------------------------------------------------
