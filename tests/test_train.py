@@ -180,3 +180,38 @@ def test_cli_eval_predict_info_and_errors(tiny_run, tmp_path, capsys):
     assert "did you mean num_experts" in capsys.readouterr().out
     assert main(["eval", str(tiny_run), "--noise", "x"]) == 2
     assert main(["predict", str(tiny_run), "--input", str(tmp_path / "nope")]) == 2
+
+
+def test_predict_reads_users_data_in_the_manifest_format_with_a_modality_missing(tiny_run, tmp_path):
+    from modalmoe.data.formats import save
+
+    task = load_task("synthetic", num_samples=120, dim=8)
+    test = task.test.select(["m0", "m2"])  # the users' data lacks m1 altogether
+    save(Task(name="mine", splits={"train": test, "valid": test, "test": test}), tmp_path / "mine")
+    out = tmp_path / "pred.csv"
+    assert (
+        main(["predict", str(tiny_run), "--input", str(tmp_path / "mine"), "--split", "test", "--out", str(out)]) == 0
+    )
+    rows = out.read_text().splitlines()
+    assert len(rows) == len(test) + 1 and "p_0" in rows[0]
+    wrong = load_task("synthetic", num_samples=120, dim=5)
+    save(wrong, tmp_path / "wrong")
+    assert main(["predict", str(tiny_run), "--input", str(tmp_path / "wrong")]) == 2
+
+
+def test_several_objectives_and_ogm_train_together(tmp_path):
+    cfg = get_preset(
+        "tiny/token-choice",
+        overrides=[
+            "model.head.embed_dim=8",
+            "train.epochs=2",
+            "train.ogm.enabled=true",
+            "train.objectives=[{name: cross_entropy, options: {label_smoothing: 0.1}}, {name: infonce, weight: 0.5},"
+            " {name: matching, weight: 0.2}, {name: masked, weight: 0.2, options: {modality: m0}}]",
+        ],
+    )
+    result = Trainer(cfg, tmp_path / "run", progress=False).fit()
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [x for x in lines if x["split"] == "train"]
+    assert {"cross_entropy", "infonce/m0-m1", "matching", "masked", "ogm/m0"} <= set(train[-1])
+    assert result.steps == 4
