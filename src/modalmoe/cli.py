@@ -184,6 +184,59 @@ def predict(run_dir: str, source: str, split: str, modalities: str | None, out_p
     return 0
 
 
+@cli.group(
+    invoke_without_command=True,
+    help="The benchmark: every design of a suite at equal compute, over seeds, with statistics "
+    "and robustness. `modalmoe bench compare A B` shows what changed between two bench directories.",
+)
+@click.option("--suite", default="standard", show_default=True, help="a suite name (configs/suites) or a YAML file")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="bench directory (default bench/<suite>)")
+@click.option("--resume", is_flag=True, help="skip the cells already finished in --out")
+@click.option("--jobs", type=int, default=2, show_default=True, help="cells run in parallel (worker processes)")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a suite value")
+@click.pass_context
+def bench(ctx: click.Context, suite: str, out: str | None, resume: bool, jobs: int, overrides: tuple[str, ...]) -> int:
+    if ctx.invoked_subcommand is not None:
+        return 0
+    from modalmoe.bench.runner import run_bench
+    from modalmoe.bench.suites import load_suite
+
+    if jobs < 1:
+        raise click.BadParameter("--jobs must be >= 1", param_hint="--jobs")
+    config = load_suite(suite, overrides)
+    target = Path(out) if out else Path("bench") / config.name
+    records = run_bench(config, target, resume=resume, jobs=jobs, console=console)
+    failed = [r for r in records if r.get("status") != "ok"]
+    console.print(f"{len(records) - len(failed)} cells ok, {len(failed)} failed -> {target}/leaderboard.md")
+    return 1 if failed else 0
+
+
+@bench.command("compare", help="What changed between two bench directories (metric and FLOPs per design).")
+@click.argument("dir_a", type=click.Path(exists=True, file_okay=False))
+@click.argument("dir_b", type=click.Path(exists=True, file_okay=False))
+def bench_compare(dir_a: str, dir_b: str) -> int:
+    from rich.table import Table
+
+    from modalmoe.bench.leaderboard import compare
+    from modalmoe.bench.store import ResultsStore
+
+    rows = compare(ResultsStore(dir_a).records(), ResultsStore(dir_b).records())
+    table = Table(title=f"{dir_a} -> {dir_b}", title_justify="left")
+    for column in ("task", "design", "metric", "A", "B", "B - A", "MFLOPs A", "MFLOPs B"):
+        table.add_column(column, justify="left" if column in ("task", "design", "metric") else "right", no_wrap=True)
+
+    def num(v, scale=1.0, digits=4):
+        return "" if v is None else f"{v * scale:.{digits}f}"
+
+    for r in rows:
+        table.add_row(
+            r["task"], r["design"], r["metric"], num(r["a"]), num(r["b"]), num(r["delta"]),
+            num(r["flops_a"], 1e-6, 3), num(r["flops_b"], 1e-6, 3),
+        )  # fmt: skip
+    console.print(table)
+    return 0
+
+
 data_cli.register(cli)
 model_cli.register(cli)
 

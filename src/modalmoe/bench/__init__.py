@@ -1,0 +1,1 @@
+"""The benchmark: suites, compute matching, runner, results store, statistics, leaderboard."""

@@ -1,0 +1,321 @@
+"""The bench runner: plan the cells of a suite, run them (in worker processes), store records.
+
+Each cell (task, design, seed) is: resolve the preset with the suite's overrides; solve its
+width so its cost matches the task's budget (``bench/compute.py``); train it
+(``modalmoe.train.Trainer``, run directory kept under ``runs/``); evaluate the best
+checkpoint on the test split with the suite's robustness axes; measure FLOPs, parameters,
+latency at batch 1 and 64 and peak inference memory; append one record to the store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from modalmoe.bench.store import ResultsStore, cell_key, environment
+from modalmoe.bench.suites import LOGREG, SuiteConfig
+from modalmoe.config import ConfigError, to_yaml
+from modalmoe.io import atomic_write_text
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One unit of work. ``imbalance``: (modality, fraction) kept for training, or None."""
+
+    task: str
+    design: str
+    seed: int
+    imbalance: tuple[str, float] | None = None
+
+    @property
+    def label(self) -> str:
+        """The design as the leaderboard shows it (``token-choice@audio=0.2`` for imbalance)."""
+        if self.imbalance is None:
+            return self.design
+        return f"{self.design}@{self.imbalance[0]}={self.imbalance[1]:g}"
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return self.task, self.label, self.seed
+
+
+def plan_cells(suite: SuiteConfig) -> list[Cell]:
+    """Every cell of the suite, tasks outermost so early results cover a whole task."""
+    cells = []
+    for task in suite.tasks:
+        modalities = list(suite_task(suite, task).specs) if suite.robustness.imbalance else []
+        for design in suite.designs:
+            for seed in suite.seeds:
+                cells.append(Cell(task, design, seed))
+                if design == LOGREG:
+                    continue
+                for m in modalities:
+                    for fraction in suite.robustness.imbalance:
+                        cells.append(Cell(task, design, seed, (m, fraction)))
+    return cells
+
+
+def cell_config(suite: SuiteConfig, task: str, design: str, seed: int):
+    from modalmoe.model.presets import get_preset
+
+    overrides = [*suite.overrides, *suite.task_overrides.get(task, []), f"train.seed={seed}"]
+    return get_preset(f"{task}/{design}", overrides=overrides)
+
+
+def suite_task(suite: SuiteConfig, task_file: str):
+    """The task of a preset task file, limited to ``suite.limit[task]`` samples per split."""
+    from modalmoe.data.batch import Task
+    from modalmoe.train.trainer import experiment_task
+
+    task = experiment_task(cell_config(suite, task_file, suite.reference, 0))
+    limit = suite.limit.get(task_file)
+    if not limit:
+        return task
+    splits = {}
+    for name, data in task.splits.items():
+        if len(data) > limit:  # seeded random subset: bundled splits may be sorted by class
+            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:limit]
+            data = data.subset(order.sort().values)
+        splits[name] = data
+    return Task(name=task.name, splits=splits, description=task.description)
+
+
+def _outputs(train) -> int:
+    return train.num_classes if train.task_type == "classification" else 1
+
+
+def _cost_batch(task, size: int = 64):
+    return task.test.batch(torch.arange(min(size, len(task.test))))
+
+
+def budgets(suite: SuiteConfig, out: Path) -> dict[str, float]:
+    """Each task's budget: the reference design's FLOPs (or parameters) per sample (cached)."""
+    path = out / "budgets.json"
+    cached = json.loads(path.read_text()) if path.exists() else {}
+    if suite.match == "none":
+        return {}
+    from modalmoe.bench.compute import reference_budget
+
+    for task_file in suite.tasks:
+        if task_file in cached:
+            continue
+        task = suite_task(suite, task_file)
+        cfg = cell_config(suite, task_file, suite.reference, 0)
+        cached[task_file] = reference_budget(
+            cfg,
+            task.specs,
+            _cost_batch(task),
+            task_type=task.train.task_type,
+            outputs=_outputs(task.train),
+            mode=suite.match,
+            fit_data=task.train,
+        )
+    atomic_write_text(path, json.dumps(cached, indent=2))
+    return cached
+
+
+def run_cell(cell: Cell, suite_json: dict, budget: float | None, out: str, threads: int) -> dict:
+    """Run one cell and return its record (``status`` "ok" or "failed"); never raises."""
+    torch.set_num_threads(threads)
+    suite = SuiteConfig.model_validate(suite_json)
+    started = time.perf_counter()
+    record = {"task": cell.task, "design": cell.label, "seed": cell.seed, "base_design": cell.design}
+    try:
+        record.update(_run_cell(cell, suite, budget, Path(out)))
+        record["status"] = "ok"
+    except Exception as err:  # one failed cell must not stop the bench
+        record.update(status="failed", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
+    record["seconds"] = round(time.perf_counter() - started, 3)
+    timed = record.get("train_seconds", 0.0) + record.get("eval_seconds", 0.0)
+    record["overhead_seconds"] = round(record["seconds"] - timed, 3)
+    record["environment"] = environment()
+    return record
+
+
+def _run_cell(cell: Cell, suite: SuiteConfig, budget: float | None, out: Path) -> dict:
+    from modalmoe.data.batch import Task
+
+    task = suite_task(suite, cell.task)
+    if cell.design == LOGREG:
+        return _logistic_regression(task, cell.seed)
+    from modalmoe.bench.compute import match_compute
+    from modalmoe.data.corrupt import imbalance
+    from modalmoe.efficiency import measure_cost
+    from modalmoe.efficiency.profile import inference_memory, latency
+    from modalmoe.evaluate.runner import evaluate
+    from modalmoe.train import Trainer, load_run_model
+
+    cfg = cell_config(suite, cell.task, cell.design, cell.seed)
+    matched = None
+    if budget is not None:
+        matched = match_compute(
+            cfg,
+            task.specs,
+            _cost_batch(task, 16),
+            task_type=task.train.task_type,
+            outputs=_outputs(task.train),
+            budget=budget,
+            mode=suite.match,
+            tolerance=suite.tolerance,
+            fit_data=task.train,
+        )
+        cfg = matched.config
+    if cell.imbalance is not None:
+        modality, fraction = cell.imbalance
+        train = imbalance(task.train, modality, fraction, seed=cell.seed)
+        task = Task(name=task.name, splits={**task.splits, "train": train}, description=task.description)
+    run_dir = out / "runs" / cell.task / cell.label / f"s{cell.seed}"
+    if run_dir.exists():  # an attempt interrupted by a kill: start the cell again
+        import shutil
+
+        shutil.rmtree(run_dir)
+    t0 = time.perf_counter()
+    result = Trainer(cfg, run_dir, task=task, progress=False).fit()
+    train_seconds = time.perf_counter() - t0
+    model = load_run_model(run_dir)
+    t0 = time.perf_counter()
+    report = evaluate(
+        model,
+        task.test,
+        subsets=suite.robustness.subsets,
+        noise_levels=[0, *suite.robustness.noise] if suite.robustness.noise else [],
+        train_scale=task.train,
+        seed=cell.seed,
+    )
+    eval_seconds = time.perf_counter() - t0
+    batch = _cost_batch(task)
+    cost = measure_cost(model, batch)
+    one = task.test.batch(torch.arange(1))
+    return {
+        "config": cfg.model_dump(mode="json"),
+        "run_dir": str(run_dir.relative_to(out)),
+        "metrics": report.metrics,
+        "valid": result.best,
+        "evaluation": report.to_dict(),
+        "epochs": result.epochs,
+        "steps": result.steps,
+        "flops": cost.flops,
+        "params": cost.params,
+        "active_params": cost.active_params,
+        "flops_components": cost.components,
+        "matched": None
+        if matched is None
+        else {
+            "field": matched.width_field,
+            "width": matched.width,
+            "target": matched.target,
+            "achieved": matched.achieved,
+            "relative_error": matched.relative_error,
+        },
+        "latency_b1_ms": latency(model, one, repeats=10)["p50_ms"],
+        "latency_b64_ms": latency(model, batch, repeats=5)["p50_ms"],
+        "memory_b64_mib": inference_memory(model, batch),
+        "train_seconds": round(train_seconds, 3),
+        "eval_seconds": round(eval_seconds, 3),
+    }
+
+
+def _logistic_regression(task, seed: int) -> dict:
+    """scikit-learn's logistic regression on concatenated per-modality features."""
+    from modalmoe.data.describe import linear_baselines
+
+    t0 = time.perf_counter()
+    scores = linear_baselines(task, seed=seed)
+    seconds = time.perf_counter() - t0
+    metric = "accuracy" if task.train.task_type == "classification" else "r2"
+    return {
+        "metrics": {metric: scores["all"]["test"]},
+        "valid": {metric: scores["all"]["valid"]},
+        "unimodal": {m: s["test"] for m, s in scores.items() if m != "all"},
+        "train_seconds": round(seconds, 3),
+        "eval_seconds": 0.0,
+    }
+
+
+def run_bench(
+    suite: SuiteConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    jobs: int = 1,
+    console: Console | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Run every unfinished cell of ``suite`` into ``out``; returns all records."""
+    console = console or Console()
+    out = Path(out)
+    store = ResultsStore(out)
+    suite_path = out / "suite.yaml"
+    if store.path.exists() and not resume:
+        raise ConfigError(f"{str(out)!r} already holds bench results; pass --resume to continue, or another --out")
+    if resume and suite_path.exists():
+        from modalmoe.train.checkpoint import config_differences
+
+        saved = SuiteConfig.model_validate(_yaml(suite_path)).model_dump(mode="json")
+        diffs = config_differences(saved, suite.model_dump(mode="json"))
+        if diffs:
+            raise ConfigError(f"{str(out)!r} was run with another suite ({'; '.join(diffs[:5])}); use another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(suite_path, to_yaml(suite))
+    with console.status("measuring each task's compute budget"):
+        task_budgets = budgets(suite, out)
+    done = store.finished()
+    cells = [c for c in plan_cells(suite) if c.key not in done]
+    if done:
+        console.print(f"resuming: {len(done)} cells done, {len(cells)} to run")
+    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+    suite_json = suite.model_dump(mode="json")
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+    )
+    with Progress(*columns, console=console, disable=not progress) as bar:
+        task_id = bar.add_task(f"bench {suite.name}", total=len(cells), info="")
+
+        def finish(record: dict) -> None:
+            store.append(record)
+            status = "ok" if record["status"] == "ok" else "[red]failed[/red]"
+            bar.update(task_id, advance=1, info=f"{record['task']} {record['design']} s{record['seed']}: {status}")
+            if record["status"] != "ok":
+                console.print(f"[red]cell failed[/red] {cell_key(record)}: {record['error']}")
+
+        if jobs <= 1:
+            for cell in cells:
+                finish(run_cell(cell, suite_json, task_budgets.get(cell.task), str(out), threads))
+        else:
+            import multiprocessing
+
+            # spawn, not fork: forking a process whose OpenMP pool is running can deadlock.
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+                futures = [
+                    pool.submit(run_cell, cell, suite_json, task_budgets.get(cell.task), str(out), threads)
+                    for cell in cells
+                ]
+                for future in as_completed(futures):
+                    finish(future.result())
+    records = store.records()
+    from modalmoe.bench.leaderboard import write_outputs
+
+    write_outputs(out, records, suite, console=console)
+    return records
+
+
+def _yaml(path: Path) -> dict:
+    from modalmoe.config import read_yaml
+
+    return read_yaml(path)

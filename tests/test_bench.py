@@ -1,0 +1,85 @@
+"""The benchmark harness end to end on the smoke suite; resume after a kill; the CLI."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from modalmoe.bench.store import ResultsStore
+from modalmoe.bench.suites import load_suite
+from modalmoe.cli import main
+
+SMOKE = load_suite("smoke")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "smoke"
+    assert main(["bench", "--suite", "smoke", "--out", str(out), "--jobs", "1"]) == 0
+    return out
+
+
+def test_the_smoke_suite_runs_end_to_end(smoke):
+    records = ResultsStore(smoke).records()
+    assert len(records) == len(SMOKE.designs) * len(SMOKE.seeds)
+    assert all(r["status"] == "ok" for r in records), [r.get("error") for r in records]
+    trained = [r for r in records if r["design"] != "logistic-regression"]
+    for r in trained:
+        assert abs(r["matched"]["relative_error"]) <= SMOKE.tolerance  # compute matching held
+        assert r["flops"] > 0 and r["active_params"] <= r["params"] and r["latency_b1_ms"] > 0
+        assert len(r["evaluation"]["subsets"]) == 7  # every non-empty subset of three modalities
+        assert r["environment"]["torch"] and r["config"]["train"]["seed"] == r["seed"]
+    board = (smoke / "leaderboard.md").read_text()
+    for design in SMOKE.designs:
+        assert f"| {design}" in board
+    assert "best dense" in board
+    assert len((smoke / "results.csv").read_text().splitlines()) == len(records) + 1
+    png = (smoke / "pareto-tiny.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_an_existing_bench_needs_resume_and_the_same_suite(smoke, capsys):
+    assert main(["bench", "--suite", "smoke", "--out", str(smoke)]) == 2
+    assert "--resume" in capsys.readouterr().out
+    assert main(["bench", "--suite", "smoke", "--out", str(smoke), "--resume", "--set", "seeds=[0]"]) == 2
+    assert "another suite" in capsys.readouterr().out
+    assert main(["bench", "--suite", "smok"]) == 2
+    assert "Did you mean 'smoke'" in capsys.readouterr().out
+
+
+def test_compare_shows_both_directories(smoke, capsys, monkeypatch):
+    from modalmoe import cli
+
+    monkeypatch.setattr(cli.console, "width", 200)
+    assert main(["bench", "compare", str(smoke), str(smoke)]) == 0
+    out = capsys.readouterr().out
+    assert "token-choice" in out and "0.0000" in out
+
+
+def test_resume_after_a_kill_skips_finished_cells_and_gives_the_same_results(smoke, tmp_path):
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "modalmoe", "bench", "--suite", "smoke", "--out", str(out), "--jobs", "1"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store = ResultsStore(out)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if store.path.exists() and len(store.records()) >= 4:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the bench finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {(r["task"], r["design"], r["seed"]): r for r in store.records()}
+    assert 4 <= len(before) < len(SMOKE.designs) * len(SMOKE.seeds)
+    done = subprocess.run([*args, "--resume"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    after = {(r["task"], r["design"], r["seed"]): r for r in store.records()}
+    for key, record in before.items():
+        assert after[key]["seconds"] == record["seconds"]  # not run again
+    reference = {(r["task"], r["design"], r["seed"]): r for r in ResultsStore(smoke).records()}
+    assert set(after) == set(reference)
+    for key, record in after.items():
+        assert record["metrics"] == pytest.approx(reference[key]["metrics"], abs=1e-6), key
