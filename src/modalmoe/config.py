@@ -271,6 +271,15 @@ class ExperimentConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     @model_validator(mode="after")
+    def _only_selected_encoders(self) -> ExperimentConfig:
+        # A preset configures every modality's encoder; training on a subset drops the others.
+        if self.modalities:
+            kept = {k: v for k, v in self.model.encoders.items() if k in self.modalities}
+            if kept != self.model.encoders:
+                self.model.encoders = kept
+        return self
+
+    @model_validator(mode="after")
     def _aux_losses_computed(self) -> ExperimentConfig:
         if not self.model.moe.every:
             return self

@@ -89,6 +89,14 @@ def suite_task(suite: SuiteConfig, task_file: str):
     return Task(name=task.name, splits=splits, description=task.description)
 
 
+def _fit_sample(train, size: int = 512):
+    """The training samples that fit encoders for FLOP counting (tokenizers, statistics): a
+    fixed subset, the same for every design, so matching stays cheap."""
+    if len(train) <= size:
+        return train
+    return train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:size].sort().values)
+
+
 def _outputs(train) -> int:
     return train.num_classes if train.task_type == "classification" else 1
 
@@ -117,7 +125,7 @@ def budgets(suite: SuiteConfig, out: Path) -> dict[str, float]:
             task_type=task.train.task_type,
             outputs=_outputs(task.train),
             mode=suite.match,
-            fit_data=task.train,
+            fit_data=_fit_sample(task.train),
         )
     atomic_write_text(path, json.dumps(cached, indent=2))
     return cached
@@ -166,7 +174,7 @@ def _run_cell(cell: Cell, suite: SuiteConfig, budget: float | None, out: Path) -
             budget=budget,
             mode=suite.match,
             tolerance=suite.tolerance,
-            fit_data=task.train,
+            fit_data=_fit_sample(task.train),
         )
         cfg = matched.config
     if cell.imbalance is not None:
