@@ -34,8 +34,8 @@ def run_one(job: tuple) -> dict:
     from modalmoe.train import Trainer, load_run_model
     from modalmoe.train.trainer import experiment_task
 
-    task_name, design, seed, modalities, out = job
-    overrides = [f"train.seed={seed}"]
+    task_name, design, seed, modalities, out, extra = job
+    overrides = [*extra, f"train.seed={seed}"]
     if modalities:
         overrides.append(f"modalities={json.dumps(list(modalities))}")
     cfg = get_preset(f"{task_name}/{design}", overrides=overrides)
@@ -74,6 +74,7 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="override for every run")
     args = parser.parse_args()
 
     from modalmoe.data.describe import linear_baselines
@@ -82,10 +83,11 @@ def main() -> int:
     task = load_task(args.task)
     modalities = list(task.specs)
     out = Path(args.out or f"runs/designs/{args.task}")
-    jobs = [(args.task, d, s, None, str(out / f"{d}-s{s}")) for d in args.designs for s in args.seeds]
+    extra = tuple(args.overrides)
+    jobs = [(args.task, d, s, None, str(out / f"{d}-s{s}"), extra) for d in args.designs for s in args.seeds]
     if args.unimodal:
         jobs += [
-            (args.task, args.unimodal, s, (m,), str(out / f"{args.unimodal}-{m}-only-s{s}"))
+            (args.task, args.unimodal, s, (m,), str(out / f"{args.unimodal}-{m}-only-s{s}"), extra)
             for m in modalities
             for s in args.seeds
         ]
