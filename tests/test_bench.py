@@ -24,7 +24,7 @@ def smoke(tmp_path_factory):
 
 def test_the_smoke_suite_runs_end_to_end(smoke):
     records = ResultsStore(smoke).records()
-    assert len(records) == len(SMOKE.designs) * len(SMOKE.seeds)
+    assert len(records) == (len(SMOKE.designs) - 1) * len(SMOKE.seeds) + 1  # logistic regression: one seed
     assert all(r["status"] == "ok" for r in records), [r.get("error") for r in records]
     trained = [r for r in records if r["design"] != "logistic-regression"]
     for r in trained:
@@ -73,7 +73,7 @@ def test_resume_after_a_kill_skips_finished_cells_and_gives_the_same_results(smo
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     before = {(r["task"], r["design"], r["seed"]): r for r in store.records()}
-    assert 4 <= len(before) < len(SMOKE.designs) * len(SMOKE.seeds)
+    assert 4 <= len(before) < (len(SMOKE.designs) - 1) * len(SMOKE.seeds) + 1
     done = subprocess.run([*args, "--resume"], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     after = {(r["task"], r["design"], r["seed"]): r for r in store.records()}

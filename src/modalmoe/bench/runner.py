@@ -55,6 +55,8 @@ def plan_cells(suite: SuiteConfig) -> list[Cell]:
         modalities = list(suite_task(suite, task).specs) if suite.robustness.imbalance else []
         for design in suite.designs:
             for seed in suite.seeds:
+                if design == LOGREG and seed != suite.seeds[0]:
+                    continue  # deterministic (lbfgs on fixed features): one seed says it all
                 cells.append(Cell(task, design, seed))
                 if design == LOGREG:
                     continue
