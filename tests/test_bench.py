@@ -83,3 +83,22 @@ def test_resume_after_a_kill_skips_finished_cells_and_gives_the_same_results(smo
     assert set(after) == set(reference)
     for key, record in after.items():
         assert record["metrics"] == pytest.approx(reference[key]["metrics"], abs=1e-6), key
+
+
+def test_imbalanced_training_cells_run_and_show_up_as_their_own_rows(tmp_path):
+    from modalmoe.bench.runner import plan_cells, run_bench
+
+    suite = load_suite(
+        "smoke", ["designs=[token-choice]", "seeds=[0]", "robustness.imbalance=[0.2]", "robustness.noise=[]"]
+    )
+    cells = plan_cells(suite)
+    assert [c.label for c in cells] == [
+        "token-choice",
+        "token-choice@m0=0.2",
+        "token-choice@m1=0.2",
+        "token-choice@m2=0.2",
+    ]
+    records = run_bench(suite, tmp_path / "b", jobs=1, progress=False)
+    assert all(r["status"] == "ok" for r in records), [r.get("error") for r in records]
+    board = (tmp_path / "b" / "leaderboard.md").read_text()
+    assert "token-choice@m1=0.2" in board

@@ -238,7 +238,8 @@ def pareto_plots(boards: dict, out: Path) -> list[Path]:
             for x, y, r in zip(xs, ys, points, strict=True):
                 ax.annotate(r.design, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
             front, best = [], None
-            for x, y in sorted(zip(xs, ys, strict=True)):
+            # Cheapest first; at equal cost the best first, so a worse point at the same cost is dominated.
+            for x, y in sorted(zip(xs, ys, strict=True), key=lambda p: (p[0], -sign * p[1])):
                 if best is None or sign * y > sign * best:
                     front.append((x, y))
                     best = y
