@@ -7,7 +7,15 @@ import torch
 import torch.nn.functional as F
 from scipy import stats as sps
 
-from modalmoe.bench.compute import BudgetError, match_compute, measure, reference_budget, width_field, with_width
+from modalmoe.bench.compute import (
+    BudgetError,
+    match_compute,
+    match_width,
+    measure,
+    reference_budget,
+    width_field,
+    with_width,
+)
 from modalmoe.bench.stats import holm, paired_test, significance, summarize
 from modalmoe.config import ModelConfig
 from modalmoe.data import ModalitySpec
@@ -51,10 +59,14 @@ def test_every_tiny_design_matches_the_flop_budget_or_says_why_not(tiny, name):
     floor = measure(with_width(cfg, width_field(cfg), 1), task.specs, batch, **kw).flops
     if floor > 1.05 * budget:
         # Per-stream attention (bottleneck, cross) can cost more than the budget at any FFN
-        # width; every MoE design and single-trunk dense design must be reachable.
+        # width: the FFN width alone fails, and matching shrinks the model width instead.
         assert cfg.model.moe.every == 0 and cfg.model.fusion.name in {"bottleneck", "cross"}
         with pytest.raises(BudgetError, match=name):
-            match_compute(cfg, task.specs, batch, budget=budget, **kw)
+            match_width(cfg, task.specs, batch, budget=budget, **kw)
+        matched = match_compute(cfg, task.specs, batch, budget=budget, **kw)
+        assert abs(matched.relative_error) <= 0.05
+        assert matched.width_field.startswith("model.dim=") and matched.config.model.dim < cfg.model.dim
+        assert measure(matched.config, task.specs, batch, **kw).flops == matched.achieved
         return
     matched = match_compute(cfg, task.specs, batch, budget=budget, **kw)
     assert abs(matched.relative_error) <= 0.05
@@ -86,7 +98,9 @@ def test_an_unreachable_budget_names_the_design_and_its_range(tiny):
     task, batch, kw, reference = tiny
     cfg = get_preset("tiny/soft")
     with pytest.raises(BudgetError, match=r"tiny/soft .*budget.*model\.moe\.expert_hidden=1 costs .* smallest") as low:
-        match_compute(cfg, task.specs, batch, budget=0.1 * reference, **kw)
+        match_width(cfg, task.specs, batch, budget=0.1 * reference, **kw)
+    with pytest.raises(BudgetError, match=r"tiny/soft .*smallest"):
+        match_compute(cfg, task.specs, batch, budget=1.0, **kw)  # no model width can be that cheap
     assert isinstance(low.value, ValueError)
     with pytest.raises(BudgetError, match=r"tiny/soft .*expert_hidden=64 costs .* largest"):
         match_compute(cfg, task.specs, batch, budget=50 * reference, max_width=64, **kw)

@@ -31,7 +31,12 @@ MODES = ("flops", "params")
 
 
 class BudgetError(ValueError):
-    """No width of the design reaches the budget; the message names the design and its range."""
+    """No width of the design reaches the budget; the message names the design and its range.
+
+    ``too_expensive``: even the smallest width costs more than the budget.
+    """
+
+    too_expensive: bool = False
 
 
 @dataclass
@@ -116,6 +121,48 @@ def match_compute(
     fit_data=None,
     max_width: int = 4096,
 ) -> Matched:
+    """Solve the design's width so that its cost equals ``budget`` within ``tolerance``; when
+    even width 1 is too expensive (designs whose attention or fusion tokens alone exceed the
+    budget: bottleneck and cross fusion), shrink ``model.dim`` in steps of ``heads`` and solve
+    the width again at the largest model width that can meet the budget.
+
+    Args and raises: see ``match_width``.
+    """
+    kw = dict(task_type=task_type, outputs=outputs, budget=budget, mode=mode, tolerance=tolerance)
+    kw.update(fit_data=fit_data, max_width=max_width)
+    try:
+        return match_width(config, specs, batch, **kw)
+    except BudgetError as err:
+        if not err.too_expensive:
+            raise
+        first = err
+    heads, dim = config.model.heads, config.model.dim
+    for smaller in range(dim - heads, 0, -heads):
+        cfg = validate(apply_overrides(config.model_dump(mode="json"), [f"model.dim={smaller}"]), ExperimentConfig)
+        try:
+            matched = match_width(cfg, specs, batch, **kw)
+        except BudgetError as err:
+            if err.too_expensive:
+                continue
+            raise
+        matched.width_field = f"model.dim={smaller}, {matched.width_field}"
+        return matched
+    raise first
+
+
+def match_width(
+    config: ExperimentConfig,
+    specs: Mapping,
+    batch,
+    *,
+    task_type: str,
+    outputs,
+    budget: float,
+    mode: str = "flops",
+    tolerance: float = 0.05,
+    fit_data=None,
+    max_width: int = 4096,
+) -> Matched:
     """Solve the design's width so that its cost equals ``budget`` within ``tolerance``.
 
     Args:
@@ -168,7 +215,9 @@ def match_compute(
         else:
             why = f"no integer {field} is within {tolerance:.0%} (closest: {value(best):.4g} at {best})"
         name = config.name or f"a design of task {config.task!r}"
-        raise BudgetError(f"{name} cannot meet the {mode} budget {budget:.4g}: {why}")
+        error_ = BudgetError(f"{name} cannot meet the {mode} budget {budget:.4g}: {why}")
+        error_.too_expensive = best == 1 and value(1) > budget
+        raise error_
     achieved = value(best)
     return Matched(
         config=with_width(config, field, best),
