@@ -215,3 +215,14 @@ def test_several_objectives_and_ogm_train_together(tmp_path):
     train = [x for x in lines if x["split"] == "train"]
     assert {"cross_entropy", "infonce/m0-m1", "matching", "masked", "ogm/m0"} <= set(train[-1])
     assert result.steps == 4
+
+
+def test_the_collapse_alarm_warns_in_the_log(tmp_path):
+    cfg = get_preset(
+        "tiny/token-choice",
+        overrides=["train.epochs=3", "train.collapse.min_entropy=1.0", "train.collapse.patience=2"],
+    )  # normalised entropy is always below 1: every step alarms
+    Trainer(cfg, tmp_path / "run", progress=False).fit()
+    alarms = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"alarm"' in x]
+    assert alarms and alarms[0]["step"] == 2
+    assert "routing collapse in MoE layer 0" in alarms[0]["message"]

@@ -209,6 +209,24 @@ class OGMConfig(_Strict):
     noise: bool = True
 
 
+class CollapseConfig(_Strict):
+    """Router collapse alarm: warn when, for ``patience`` steps in a row, one expert receives
+    more than ``max_share`` of a layer's tokens or the mean normalised router entropy is below
+    ``min_entropy``.
+
+    Attributes:
+        enabled: watch every MoE layer during training.
+        max_share: the largest share of a layer's tokens one expert may receive.
+        min_entropy: the smallest mean router entropy, as a fraction of log E.
+        patience: consecutive steps in alarm before warning.
+    """
+
+    enabled: bool = True
+    max_share: float = Field(0.8, gt=0.0, le=1.0)
+    min_entropy: float = Field(0.2, ge=0.0, le=1.0)
+    patience: int = Field(20, ge=1)
+
+
 class TrainConfig(_Strict):
     """How to train.
 
@@ -229,6 +247,7 @@ class TrainConfig(_Strict):
         eval_every: evaluate on the validation split every this many epochs.
         checkpoint_every: also checkpoint every this many optimiser steps (None: per epoch only).
         ogm: OGM-GE for modality imbalance.
+        collapse: the router collapse alarm.
     """
 
     epochs: int = Field(30, ge=1)
@@ -246,6 +265,7 @@ class TrainConfig(_Strict):
     eval_every: int = Field(1, ge=1)
     checkpoint_every: int | None = Field(None, ge=1)
     ogm: OGMConfig = Field(default_factory=OGMConfig)
+    collapse: CollapseConfig = Field(default_factory=CollapseConfig)
 
 
 class ExperimentConfig(_Strict):

@@ -172,8 +172,13 @@ class Trainer:
             atomic_write_text(self.out / "config.yaml", to_yaml(self.config))
             write_task_info(self.out, self.task)
         log = _Log(self.out, purge_after=progress["step"] if resume else None)
+        monitor = self._collapse_monitor()
+        if monitor is not None and progress.get("collapse"):
+            monitor.load_state_dict(progress["collapse"])
 
         def checkpoint_to(path: Path) -> None:
+            if monitor is not None:
+                progress["collapse"] = monitor.state_dict()
             save_checkpoint(
                 path, module=module, config=config_json, progress=progress, optimizer=optimizer, scheduler=scheduler
             )
@@ -190,7 +195,9 @@ class Trainer:
                 micro = 0
                 for index in range(progress["batch"], batches_per_epoch):
                     batch = train.batch(order[index * cfg.batch_size : (index + 1) * cfg.batch_size])
-                    terms = self._backward(model, objectives, batch, progress["step"], scale=1 / cfg.accumulate)
+                    terms, records = self._backward(
+                        model, objectives, batch, progress["step"], scale=1 / cfg.accumulate
+                    )
                     micro += 1
                     if micro % cfg.accumulate and index + 1 < batches_per_epoch:
                         continue
@@ -204,7 +211,14 @@ class Trainer:
                     progress["batch"] = index + 1
                     record = {"step": progress["step"], "epoch": epoch, "lr": scheduler.get_last_lr()[0], **terms}
                     log.write("train", record | modulation)
-                    bar.update(task_id, advance=1, info=f"loss {terms['loss']:.4f}")
+                    alarm = ""
+                    if monitor is not None:
+                        for message in monitor.update(records, step=progress["step"]):
+                            self.console.print(f"[yellow]warning:[/yellow] step {progress['step']}: {message}")
+                            log.write("alarm", {"step": progress["step"], "epoch": epoch, "message": message})
+                        if monitor.alarming:
+                            alarm = " | [yellow]router collapse[/yellow]"
+                    bar.update(task_id, advance=1, info=f"loss {terms['loss']:.4f}{alarm}")
                     if cfg.checkpoint_every and progress["step"] % cfg.checkpoint_every == 0:
                         checkpoint_to(last_path)
                 progress["epoch"], progress["batch"] = epoch + 1, 0
@@ -220,7 +234,17 @@ class Trainer:
         log.close()
         return self._finish(progress, best_path, time.perf_counter() - started)
 
-    def _backward(self, model, objectives, batch, step: int, scale: float) -> dict[str, float]:
+    def _collapse_monitor(self):
+        collapse = self.config.train.collapse
+        if not (collapse.enabled and self.config.model.moe.every):
+            return None
+        from modalmoe.analysis.routing import CollapseMonitor
+
+        return CollapseMonitor(
+            max_share=collapse.max_share, min_entropy=collapse.min_entropy, patience=collapse.patience
+        )
+
+    def _backward(self, model, objectives, batch, step: int, scale: float) -> tuple[dict[str, float], list]:
         output = model(batch)
         total, terms = objectives(output, batch, model)
         weights = self.config.train.aux_weights
@@ -239,7 +263,7 @@ class Trainer:
         (total * scale).backward()
         out = {name: float(value.detach()) for name, value in terms.items()}
         out["loss"] = float(total.detach())
-        return out
+        return out, [record.detach() for record in output.records]
 
     def _modulate(self, model, batch) -> dict[str, float]:
         ogm = self.config.train.ogm
