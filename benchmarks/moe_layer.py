@@ -26,16 +26,14 @@ import statistics
 import sys
 import tempfile
 import time
-import weakref
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
+from modalmoe.efficiency.profile import peak_memory
 from modalmoe.moe import FeedForward, build_moe_layer
 from modalmoe.moe.dispatch import plan_dispatch
 from modalmoe.runtime import allocator_name, tune_allocator
@@ -124,39 +122,6 @@ def expert_matmul_step(layer, x: torch.Tensor, backward: bool):
     return step
 
 
-class _LiveBytes(TorchDispatchMode):
-    """Logs every storage that an op creates and when it is freed."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.events: list[tuple[int, int]] = []  # (uid, +bytes or -bytes) in time order
-        self.uid_of_ptr: dict[int, int] = {}
-
-    def _free(self, uid: int, ptr: int, nbytes: int) -> None:
-        self.events.append((uid, -nbytes))
-        if self.uid_of_ptr.get(ptr) == uid:
-            del self.uid_of_ptr[ptr]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        # An output that shares an input's storage (a view, an in-place or out= op) is not
-        # a new allocation, even when the input predates the step (a parameter, the batch).
-        inputs = {
-            t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
-        }
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-                storage = t.untyped_storage()
-                ptr, nbytes = storage.data_ptr(), storage.nbytes()
-                if ptr in self.uid_of_ptr or ptr in inputs or nbytes == 0:
-                    continue
-                uid = len(self.events)
-                self.uid_of_ptr[ptr] = uid
-                self.events.append((uid, nbytes))
-                weakref.finalize(storage, self._free, uid, ptr, nbytes)
-        return out
-
-
 def peak_working_memory(step, module: nn.Module) -> float:
     """Peak MiB of activations and temporaries during one step.
 
@@ -164,17 +129,7 @@ def peak_working_memory(step, module: nn.Module) -> float:
     those that end up as parameter gradients: E experts have E times the dense FFN's
     weights and gradients by design, and that is not what dispatch should be judged on.
     """
-    tracker = _LiveBytes()
-    with tracker:
-        step()
-    grads = {p.grad.untyped_storage().data_ptr() for p in module.parameters() if p.grad is not None}
-    excluded = {uid for ptr, uid in tracker.uid_of_ptr.items() if ptr in grads}
-    live = peak = 0
-    for uid, delta in tracker.events:
-        if uid not in excluded:
-            live += delta
-            peak = max(peak, live)
-    return peak / 2**20
+    return peak_memory(step, exclude_grads_of=module)
 
 
 def time_interleaved(steps: dict, repeats: int, warmup: int) -> dict[str, float]:
