@@ -9,7 +9,9 @@ the preset's recipe), evaluates the best checkpoint on the test split with every
 subset of modalities, and, for each modality, trains the ``--unimodal`` design on that
 modality alone (``modalities=[m]``): the reference a missing-modality model is judged
 against. Runs go to ``--out`` (default ``runs/designs/<task>``); finished runs are reused,
-so an interrupted sweep continues where it stopped. ``modalmoe bench`` will supersede this.
+so an interrupted sweep continues where it stopped. ``modalmoe bench`` is the benchmark
+(compute matching, statistics, leaderboard); this script keeps each preset's own recipe and
+adds the unimodal references the missing-modality comparison needs.
 """
 
 from __future__ import annotations

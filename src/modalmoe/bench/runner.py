@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from modalmoe.bench.store import ResultsStore, cell_key, environment
 from modalmoe.bench.suites import LOGREG, SuiteConfig
-from modalmoe.config import ConfigError, to_yaml
+from modalmoe.config import ConfigError, read_yaml, to_yaml
 from modalmoe.io import atomic_write_text
 
 
@@ -270,7 +270,7 @@ def run_bench(
     if resume and suite_path.exists():
         from modalmoe.train.checkpoint import config_differences
 
-        saved = SuiteConfig.model_validate(_yaml(suite_path)).model_dump(mode="json")
+        saved = SuiteConfig.model_validate(read_yaml(suite_path)).model_dump(mode="json")
         diffs = config_differences(saved, suite.model_dump(mode="json"))
         if diffs:
             raise ConfigError(f"{str(out)!r} was run with another suite ({'; '.join(diffs[:5])}); use another --out")
@@ -323,9 +323,3 @@ def run_bench(
 
     write_outputs(out, records, suite, console=console)
     return records
-
-
-def _yaml(path: Path) -> dict:
-    from modalmoe.config import read_yaml
-
-    return read_yaml(path)
