@@ -164,6 +164,20 @@ def _levels(text: str) -> list[int]:
     return sorted({0, *levels}) if levels else []
 
 
+@cli.command(help="Write a run's routing report: one self-contained HTML page (per-layer statistics and plots).")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--split", type=click.Choice(["test", "valid", "train"]), default="test")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None, help="default RUN_DIR/report.html")
+@click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best")
+def analyze(run_dir: str, split: str, out_path: str | None, checkpoint: str) -> int:
+    from modalmoe.analysis.report import write_report
+
+    with console.status("routing the split and drawing the report"):
+        path = write_report(run_dir, out_path, split=split, which=checkpoint)
+    console.print(f"report -> {path} ({path.stat().st_size / 2**20:.2f} MiB)")
+    return 0
+
+
 @cli.command(help="Predict with a trained run on a data directory (manifest format) or a bundled task.")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--input", "source", required=True, help="a manifest directory or a bundled task name")

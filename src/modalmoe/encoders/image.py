@@ -28,6 +28,7 @@ class ImageEncoder(Encoder):
                 "choose a patch that divides both sides"
             )
         stem = nn.Sequential(nn.Conv2d(channels, stem_channels, 3, padding=1), nn.GELU()) if stem_channels else None
+        self.patch = patch
         self.stem = stem or nn.Identity()
         self.patchify = nn.Conv2d(stem_channels or channels, dim, patch, stride=patch)
         self.positions = nn.Parameter(torch.randn((height // patch) * (width // patch), dim) * 0.02)
