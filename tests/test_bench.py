@@ -102,3 +102,13 @@ def test_imbalanced_training_cells_run_and_show_up_as_their_own_rows(tmp_path):
     assert all(r["status"] == "ok" for r in records), [r.get("error") for r in records]
     board = (tmp_path / "b" / "leaderboard.md").read_text()
     assert "token-choice@m1=0.2" in board
+
+
+def test_analyze_a_bench_directory_writes_an_index_of_routing_consistency(smoke):
+    assert main(["analyze", str(smoke)]) == 0
+    index = (smoke / "routing" / "index.html").read_text()
+    assert 'href="tiny.html"' in index and (smoke / "routing" / "tiny.html").stat().st_size > 10_000
+    for design in ("token-choice", "modality-experts", "token-choice-bank"):
+        assert f"<td>{design}</td>" in index
+    # modality experts route by modality by construction: NMI(expert; modality) is 1 on every seed
+    assert "<td>modality-experts</td><td>0</td><td>2</td><td>1.000 ± 0.000</td>" in index

@@ -164,7 +164,11 @@ def _levels(text: str) -> list[int]:
     return sorted({0, *levels}) if levels else []
 
 
-@cli.command(help="Write a run's routing report: one self-contained HTML page (per-layer statistics and plots).")
+@cli.command(
+    help="Write a run's routing report: one self-contained HTML page (per-layer statistics and plots). "
+    "Given a bench directory, write routing/index.html: routing consistency across seeds and designs, "
+    "with a report per task."
+)
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--split", type=click.Choice(["test", "valid", "train"]), default="test")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None, help="default RUN_DIR/report.html")
@@ -172,6 +176,12 @@ def _levels(text: str) -> list[int]:
 def analyze(run_dir: str, split: str, out_path: str | None, checkpoint: str) -> int:
     from modalmoe.analysis.report import write_report
 
+    if (Path(run_dir) / "results.jsonl").exists():  # a bench directory
+        from modalmoe.analysis.bench_index import write_bench_index
+
+        path = write_bench_index(run_dir, console=console)
+        console.print(f"index -> {path}")
+        return 0
     with console.status("routing the split and drawing the report"):
         path = write_report(run_dir, out_path, split=split, which=checkpoint)
     console.print(f"report -> {path} ({path.stat().st_size / 2**20:.2f} MiB)")
