@@ -50,10 +50,21 @@ class Collected:
     records: list[RoutingRecord]
     labels: Tensor  # [N]
     positions: list[Tensor | None] = field(default_factory=list)  # per layer: [T, 2] (modality, index) or None
+    dataset: object = None  # the samples routed (those with at least one of the modalities used)
 
 
 def collect(model, dataset, *, modalities=None, batch_size: int = 256) -> Collected:
-    """Run ``model`` over ``dataset`` and gather each MoE layer's routing records."""
+    """Run ``model`` over ``dataset`` and gather each MoE layer's routing records.
+
+    Samples that carry none of the modalities used cannot be routed and are left out; the
+    ``dataset`` of the result holds the samples that were (record ``sample`` ids index it).
+    """
+    used = list(modalities) if modalities is not None else model.modalities
+    carried = torch.zeros(len(dataset), dtype=torch.bool)
+    for name in used:
+        carried |= dataset.present[name]
+    if not bool(carried.all()):
+        dataset = dataset.subset(carried.nonzero().squeeze(1))
     per_layer: list[list[RoutingRecord]] = []
     offsets, labels, n = [], [], 0
     positions: list[list[Tensor] | None] = []
@@ -74,7 +85,7 @@ def collect(model, dataset, *, modalities=None, batch_size: int = 256) -> Collec
             labels.append(batch.target)
     records = [concat_records(layer, offsets) for layer in per_layer]
     pos = [torch.cat(p) if p else None for p in positions]
-    return Collected(records, torch.cat(labels) if labels else torch.zeros(0), pos)
+    return Collected(records, torch.cat(labels) if labels else torch.zeros(0), pos, dataset)
 
 
 def _token_positions(tokens) -> Tensor:
@@ -272,7 +283,7 @@ def build_report(run_dir: str | Path, *, split: str = "test", which: str = "best
                 "modality_figure": _heatmap(by_modality, "expert", names, f"layer {i}: expert x modality"),
                 "class_figure": _heatmap(by_class, "expert", classes, f"layer {i}: expert x class"),
                 "entropy_figure": _histogram(normalized_entropy(record), f"layer {i}: router entropy per token"),
-                "views": _sample_views(model, dataset, full, i, names),
+                "views": _sample_views(model, full.dataset, full, i, names),
             }
         )
     shifts = []
@@ -296,7 +307,7 @@ def build_report(run_dir: str | Path, *, split: str = "test", which: str = "best
         name=config.name or run_dir.name,
         run=str(run_dir),
         split=split,
-        samples=len(dataset),
+        samples=len(full.dataset),
         modalities=names,
         router=config.model.moe.router,
         fusion=config.model.fusion.name,
