@@ -112,3 +112,17 @@ def test_analyze_a_bench_directory_writes_an_index_of_routing_consistency(smoke)
         assert f"<td>{design}</td>" in index
     # modality experts route by modality by construction: NMI(expert; modality) is 1 on every seed
     assert "<td>modality-experts</td><td>0</td><td>2</td><td>1.000 ± 0.000</td>" in index
+
+
+def test_profile_of_a_bench_run_agrees_with_its_record(smoke, tmp_path):
+    record = next(r for r in ResultsStore(smoke).records() if r["design"] == "token-choice" and r["seed"] == 0)
+    out = tmp_path / "profile.json"
+    assert main(["profile", str(smoke / record["run_dir"]), "--repeats", "3", "--json", str(out)]) == 0
+    import json
+
+    numbers = json.loads(out.read_text())
+    assert numbers["flops_per_sample"] == record["flops"]
+    assert numbers["params"] == record["params"] and numbers["active_params"] == record["active_params"]
+    assert numbers["latency_b1_ms"]["p50_ms"] <= numbers["latency_b1_ms"]["p95_ms"]
+    assert numbers["throughput_samples_per_s"] > 0 and sum(numbers["flops_by_component"].values()) > 0
+    assert main(["profile", "tiny/soft", "--repeats", "3"]) == 0  # a preset, built untrained

@@ -188,6 +188,51 @@ def analyze(run_dir: str, split: str, out_path: str | None, checkpoint: str) -> 
     return 0
 
 
+@cli.command(help="Cost of a trained run or a preset: parameters, active parameters, FLOPs per sample by "
+             "component, latency p50/p95 at batch 1 and 64, throughput, peak memory.")  # fmt: skip
+@click.argument("source")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a preset's config value")
+@click.option("--repeats", type=int, default=20, show_default=True, help="timed passes for latency")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="also write the numbers here")
+def profile(source: str, overrides: tuple[str, ...], repeats: int, json_path: str | None) -> int:
+    from rich.table import Table
+
+    from modalmoe.efficiency.profile import profile_model
+    from modalmoe.io import atomic_write_text
+    from modalmoe.model.multimodal import build_model
+    from modalmoe.train.trainer import experiment_task, load_run_model
+
+    path = Path(source)
+    if path.is_dir() and (path / "config.yaml").is_file():
+        model = load_run_model(path)
+        task = experiment_task(_experiment(source, ()))
+    else:  # a preset or YAML file: built and fitted, untrained (costs do not depend on training)
+        experiment = _experiment(source, overrides)
+        task = experiment_task(experiment)
+        train = task.train
+        torch.manual_seed(0)
+        outputs = train.num_classes if train.task_type == "classification" else 1
+        model = build_model(experiment.model, task.specs, task_type=train.task_type, outputs=outputs).fit(train)
+    numbers = profile_model(model.eval(), task.test, repeats=repeats)
+    table = Table(title=f"profile: {source}", title_justify="left")
+    table.add_column("quantity", no_wrap=True)
+    table.add_column("value", justify="right")
+    for key, value in numbers.items():
+        if key == "flops_by_component":
+            for name, flops in value.items():
+                table.add_row(f"  MFLOPs/sample: {name}", f"{flops / 1e6:.3f}")
+        elif isinstance(value, dict):
+            table.add_row(key.replace("_ms", " (ms)"), f"p50 {value['p50_ms']:.2f}, p95 {value['p95_ms']:.2f}")
+        elif key == "flops_per_sample":
+            table.add_row("MFLOPs/sample", f"{value / 1e6:.3f}")
+        else:
+            table.add_row(key, f"{value:,.1f}" if isinstance(value, float) else f"{value:,}")
+    console.print(table)
+    if json_path:
+        atomic_write_text(json_path, json.dumps(numbers, indent=2))
+    return 0
+
+
 @cli.command(help="Predict with a trained run on a data directory (manifest format) or a bundled task.")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--input", "source", required=True, help="a manifest directory or a bundled task name")

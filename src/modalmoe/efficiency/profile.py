@@ -176,3 +176,32 @@ def training_memory(model: nn.Module, batch, loss_fn: Callable[[Any, Any], Tenso
         for p, grad in zip(params, saved, strict=True):
             p.grad = grad
         model.train(was_training)
+
+
+def profile_model(model: nn.Module, dataset, *, repeats: int = 20, batch_size: int = 64) -> dict:
+    """Everything ``modalmoe profile`` reports for a model on a dataset (the test split).
+
+    FLOPs per sample by component and active parameters come from ``measure_cost`` on the
+    first ``batch_size`` samples (the batch the benchmark measures on); latency p50/p95 at
+    batch 1 and ``batch_size``; throughput in samples/s at ``batch_size`` (from the p50);
+    peak inference memory at ``batch_size``.
+    """
+    import torch
+
+    from modalmoe.efficiency.flops import measure_cost
+
+    batch = dataset.batch(torch.arange(min(batch_size, len(dataset))))
+    one = dataset.batch(torch.arange(1))
+    cost = measure_cost(model, batch)
+    small, large = latency(model, one, repeats=repeats), latency(model, batch, repeats=max(3, repeats // 2))
+    return {
+        "params": cost.params,
+        "active_params": cost.active_params,
+        "flops_per_sample": cost.flops,
+        "flops_by_component": dict(cost.components),
+        "latency_b1_ms": small,
+        f"latency_b{len(batch)}_ms": large,
+        "throughput_samples_per_s": len(batch) / (large["p50_ms"] / 1e3),
+        f"memory_b{len(batch)}_mib": inference_memory(model, batch),
+        "batch_size": len(batch),
+    }
