@@ -185,13 +185,15 @@ class EarlyStoppingConfig(_Strict):
     """Stop when the validation metric has not improved for ``patience`` evaluations.
 
     Attributes:
-        metric: a validation metric (``accuracy``, ``macro_f1``, ``auroc``, ``loss``, ``mse``, ...).
-        mode: ``max`` or ``min``.
+        metric: a validation metric (``accuracy``, ``macro_f1``, ``auroc``, ``ece``, ``nll``;
+            ``mse``, ``mae``, ``r2`` for regression); None: the head's primary metric
+            (accuracy, macro-F1 for multi-label, MSE for regression).
+        mode: ``max`` or ``min``; None: the primary metric's, or ``min`` for ece/nll/mse/mae.
         patience: evaluations without improvement before stopping; 0 never stops early.
     """
 
-    metric: str = "accuracy"
-    mode: Literal["max", "min"] = "max"
+    metric: str | None = None
+    mode: Literal["max", "min"] | None = None
     patience: int = Field(8, ge=0)
 
 

@@ -277,12 +277,20 @@ class Trainer:
         return {f"ogm/{k}": v for k, v in coefficients.items()}
 
     def _metric_name(self) -> str:
-        stop = self.config.train.early_stopping
-        if stop is not None:
-            return stop.metric
+        return self._metric()[0]
+
+    def _metric(self) -> tuple[str, str]:
+        """(metric, mode) of early stopping and the best checkpoint."""
         from modalmoe.evaluate.metrics import PRIMARY
 
-        return PRIMARY[self._head_kind()][0]
+        stop = self.config.train.early_stopping
+        metric, mode = PRIMARY[self._head_kind()]
+        if stop is not None and stop.metric is not None:
+            metric = stop.metric
+            mode = "min" if metric in ("ece", "nll", "mse", "mae") else "max"
+        if stop is not None and stop.mode is not None:
+            mode = stop.mode
+        return metric, mode
 
     def _head_kind(self) -> str:
         kind = self.config.model.head.kind
@@ -299,8 +307,7 @@ class Trainer:
     def _early_stopping(self, progress: dict, metrics: dict) -> bool:
         """Update the best metric; True when this evaluation is the best so far."""
         stop = self.config.train.early_stopping
-        name = self._metric_name()
-        mode = stop.mode if stop is not None else "max"
+        name, mode = self._metric()
         if name not in metrics:
             raise TrainingError(
                 f"early-stopping metric {name!r} is not among the validation metrics {sorted(metrics)}; "
