@@ -108,28 +108,14 @@ def reference_budget(
     return _value(cost, mode)
 
 
-def match_compute(
-    config: ExperimentConfig,
-    specs: Mapping,
-    batch,
-    *,
-    task_type: str,
-    outputs,
-    budget: float,
-    mode: str = "flops",
-    tolerance: float = 0.05,
-    fit_data=None,
-    max_width: int = 4096,
-) -> Matched:
+def match_compute(config: ExperimentConfig, specs: Mapping, batch, **kw) -> Matched:
     """Solve the design's width so that its cost equals ``budget`` within ``tolerance``; when
     even width 1 is too expensive (designs whose attention or fusion tokens alone exceed the
     budget: bottleneck and cross fusion), shrink ``model.dim`` in steps of ``heads`` and solve
     the width again at the largest model width that can meet the budget.
 
-    Args and raises: see ``match_width``.
+    Args and raises: see ``match_width`` (the keyword arguments are passed on to it).
     """
-    kw = dict(task_type=task_type, outputs=outputs, budget=budget, mode=mode, tolerance=tolerance)
-    kw.update(fit_data=fit_data, max_width=max_width)
     try:
         return match_width(config, specs, batch, **kw)
     except BudgetError as err:
@@ -138,7 +124,7 @@ def match_compute(
         first = err
     heads, dim = config.model.heads, config.model.dim
     for smaller in range(dim - heads, 0, -heads):
-        cfg = validate(apply_overrides(config.model_dump(mode="json"), [f"model.dim={smaller}"]), ExperimentConfig)
+        cfg = with_width(config, "model.dim", smaller)
         try:
             matched = match_width(cfg, specs, batch, **kw)
         except BudgetError as err:

@@ -159,8 +159,7 @@ def _run_cell(cell: Cell, suite: SuiteConfig, budget: float | None, out: Path) -
         return _logistic_regression(task, cell.seed)
     from modalmoe.bench.compute import match_compute
     from modalmoe.data.corrupt import imbalance
-    from modalmoe.efficiency import measure_cost
-    from modalmoe.efficiency.profile import inference_memory, latency
+    from modalmoe.efficiency.profile import profile_model
     from modalmoe.evaluate.runner import evaluate
     from modalmoe.train import Trainer, load_run_model
 
@@ -202,9 +201,8 @@ def _run_cell(cell: Cell, suite: SuiteConfig, budget: float | None, out: Path) -
         seed=cell.seed,
     )
     eval_seconds = time.perf_counter() - t0
-    batch = _cost_batch(task)
-    cost = measure_cost(model, batch)
-    one = task.test.batch(torch.arange(1))
+    numbers = profile_model(model, task.test, repeats=10)  # the same numbers as `modalmoe profile`
+    size = numbers["batch_size"]
     return {
         "config": cfg.model_dump(mode="json"),
         "run_dir": str(run_dir.relative_to(out)),
@@ -213,10 +211,10 @@ def _run_cell(cell: Cell, suite: SuiteConfig, budget: float | None, out: Path) -
         "evaluation": report.to_dict(),
         "epochs": result.epochs,
         "steps": result.steps,
-        "flops": cost.flops,
-        "params": cost.params,
-        "active_params": cost.active_params,
-        "flops_components": cost.components,
+        "flops": numbers["flops_per_sample"],
+        "params": numbers["params"],
+        "active_params": numbers["active_params"],
+        "flops_components": numbers["flops_by_component"],
         "matched": None
         if matched is None
         else {
@@ -226,9 +224,9 @@ def _run_cell(cell: Cell, suite: SuiteConfig, budget: float | None, out: Path) -
             "achieved": matched.achieved,
             "relative_error": matched.relative_error,
         },
-        "latency_b1_ms": latency(model, one, repeats=10)["p50_ms"],
-        "latency_b64_ms": latency(model, batch, repeats=5)["p50_ms"],
-        "memory_b64_mib": inference_memory(model, batch),
+        "latency_b1_ms": numbers["latency_b1_ms"]["p50_ms"],
+        "latency_b64_ms": numbers[f"latency_b{size}_ms"]["p50_ms"],
+        "memory_b64_mib": numbers[f"memory_b{size}_mib"],
         "train_seconds": round(train_seconds, 3),
         "eval_seconds": round(eval_seconds, 3),
     }

@@ -83,13 +83,14 @@ def expert_row_flops(bank: ExpertBank) -> int:
 
 
 def _module_flops(counter: FlopCounterMode) -> dict[str, int]:
-    counts = counter.get_flop_counts()
-    # Keys are the root's class name followed by the module path; drop the root's name.
+    # Keys are "Global" (everything counted), the root's class name, and the root's name
+    # followed by a module path; the result maps "" to the total and paths to their counts.
     out = {}
-    for name, ops in counts.items():
-        total = int(sum(ops.values()))
-        _, _, path = name.partition(".")
-        out[path if "." in name else ""] = total
+    for name, ops in counter.get_flop_counts().items():
+        if name == "Global":
+            out[""] = int(sum(ops.values()))
+        elif "." in name:
+            out[name.partition(".")[2]] = int(sum(ops.values()))
     return out
 
 

@@ -28,6 +28,15 @@ class TrunkOutput:
     records: list[RoutingRecord] = field(default_factory=list)
 
 
+@dataclass
+class RoutingLog:
+    """Aux losses (summed by name) and routing records gathered from the MoE layers a fusion
+    runs over several trunks or streams."""
+
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    records: list[RoutingRecord] = field(default_factory=list)
+
+
 class Block(nn.Module):
     """``x + attn(norm(x))``, then ``x + ffn(norm(x))``.
 
@@ -137,7 +146,7 @@ class Trunk(nn.Module):
         return out
 
 
-def collect(into: TrunkOutput, aux: dict[str, Tensor] | None, record: RoutingRecord | None) -> None:
+def collect(into: TrunkOutput | RoutingLog, aux: dict[str, Tensor] | None, record: RoutingRecord | None) -> None:
     """Add one block's aux losses (summed by name) and routing record to ``into``."""
     if record is not None:
         into.records.append(record)

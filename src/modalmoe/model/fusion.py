@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modalmoe.encoders.base import Tokens
-from modalmoe.model.blocks import Trunk, TrunkOutput, build_blocks, collect
+from modalmoe.model.blocks import RoutingLog, Trunk, build_blocks, collect
 from modalmoe.moe.types import RoutingRecord
 from modalmoe.registry import Registry
 
@@ -109,7 +109,7 @@ class LateFusion(Fusion):
 
     def forward(self, streams: list[Tokens]) -> FusionOutput:
         batch = streams[0].x.shape[0]
-        result = TrunkOutput(streams[0].x.new_zeros(batch, len(streams), self.dim))
+        result = RoutingLog()
         pooled, tokens = [], []
         for i, (s, trunk) in enumerate(zip(streams, self.trunks, strict=True)):
             rows = s.mask.any(1).nonzero().squeeze(1)
@@ -136,7 +136,7 @@ class _Streams(Fusion):
         self.streams = nn.ModuleList(nn.ModuleList(build_blocks(**trunk)) for _ in modalities)
         self.norms = nn.ModuleList(nn.LayerNorm(self.dim) for _ in modalities)
 
-    def finish(self, streams: list[Tokens], xs: list[Tensor], result: TrunkOutput) -> FusionOutput:
+    def finish(self, streams: list[Tokens], xs: list[Tensor], result: RoutingLog) -> FusionOutput:
         tokens = [norm(x) * s.mask.unsqueeze(-1) for norm, x, s in zip(self.norms, xs, streams, strict=True)]
         pooled = [masked_mean(x, s.mask) for x, s in zip(tokens, streams, strict=True)]
         present = torch.stack([s.mask.any(1) for s in streams], 1)
@@ -160,7 +160,7 @@ class BottleneckFusion(_Streams):
         xs = [s.x * s.mask.unsqueeze(-1) for s in streams]
         rows_of = [s.mask.any(1).nonzero().squeeze(1) for s in streams]
         z = self.bottleneck.expand(batch, nb, self.dim)
-        result = TrunkOutput(z)
+        result = RoutingLog()
         for layer in range(self.depth):
             z_sum, count = torch.zeros_like(z), z.new_zeros(batch, 1, 1)
             for i, (s, rows) in enumerate(zip(streams, rows_of, strict=True)):
@@ -220,7 +220,7 @@ class CrossFusion(_Streams):
     def forward(self, streams: list[Tokens]) -> FusionOutput:
         xs = [s.x * s.mask.unsqueeze(-1) for s in streams]
         rows_of = [s.mask.any(1).nonzero().squeeze(1) for s in streams]
-        result = TrunkOutput(xs[0])
+        result = RoutingLog()
         for layer in range(self.depth):
             previous = list(xs)  # every stream reads the others' tokens from the same layer
             for i, (s, rows) in enumerate(zip(streams, rows_of, strict=True)):

@@ -227,12 +227,13 @@ class Trainer:
                     log.write("valid", {"step": progress["step"], "epoch": epoch + 1, **metrics})
                     improved = self._early_stopping(progress, metrics)
                     if improved:
+                        progress["best_metrics"] = metrics
                         checkpoint_to(best_path)
                     shown = f"{self._metric_name()} {metrics[self._metric_name()]:.4f}"
                     bar.update(task_id, info=f"loss {terms['loss']:.4f} | valid {shown}")
                 checkpoint_to(last_path)
         log.close()
-        return self._finish(progress, best_path, time.perf_counter() - started)
+        return self._finish(progress, time.perf_counter() - started)
 
     def _collapse_monitor(self):
         collapse = self.config.train.collapse
@@ -324,14 +325,14 @@ class Trainer:
                 progress["stopped_early"] = True
         return improved
 
-    def _finish(self, progress: dict, best_path: Path, seconds: float) -> TrainResult:
+    def _finish(self, progress: dict, seconds: float) -> TrainResult:
         from modalmoe.evaluate.metrics import task_metrics
         from modalmoe.evaluate.runner import predict
 
         model = load_run_model(self.out, which="best")
         test_pred = predict(model, self.task.test, batch_size=256)
         test = task_metrics(test_pred.logits, test_pred.target, self._head_kind())
-        best = self.validate(model)
+        best = progress["best_metrics"]  # the validation metrics of the best checkpoint, kept when it was saved
         summary = {
             "name": self.config.name,
             "task": self.config.task,
