@@ -20,7 +20,7 @@ def test_unknown_keys_name_the_key_and_the_closest_valid_ones():
     with pytest.raises(ConfigError) as err:
         validate({"task": "mfeat", "model": {"moe": {"num_expert": 4}, "encoders": {"x": {"nme": "v"}}}})
     text = str(err.value)
-    assert "unknown key 'model.moe.num_expert'; did you mean num_experts?" in text
+    assert "unknown key 'model.moe.num_expert'; did you mean num_experts" in text  # the closest first
     assert "unknown key 'model.encoders.x.nme'; did you mean name?" in text
     with pytest.raises(ConfigError, match="did you mean 'token_choice'"):
         validate({"task": "mfeat", "model": {"moe": {"router": "token-choice"}}})

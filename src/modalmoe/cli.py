@@ -121,8 +121,9 @@ def train(config: str, overrides: tuple[str, ...], out: str | None, resume: bool
         source = Path(config)
         out = str(source) if source.is_dir() else str(Path("runs") / (experiment.name or source.stem).replace("/", "-"))
     result = Trainer(experiment, out, progress=not quiet, console=console).fit(resume=resume)
-    shown = ", ".join(f"{k} {v:.4f}" for k, v in result.test.items())
-    console.print(f"trained {result.steps} steps ({result.epochs} epochs) -> {result.run_dir}; test: {shown}")
+    if result.test:  # under torchrun only rank 0 evaluates and reports
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in result.test.items())
+        console.print(f"trained {result.steps} steps ({result.epochs} epochs) -> {result.run_dir}; test: {shown}")
     return 0
 
 
@@ -230,6 +231,54 @@ def profile(source: str, overrides: tuple[str, ...], repeats: int, json_path: st
     console.print(table)
     if json_path:
         atomic_write_text(json_path, json.dumps(numbers, indent=2))
+    return 0
+
+
+@cli.command(help="Compress a trained run into a new run directory: int8 weights, fewer experts (pruned or "
+             "merged), or token reduction. Prints test metrics before and after.")  # fmt: skip
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--method", required=True, type=click.Choice(["int8", "prune-experts", "merge-experts", "tokens"]))
+@click.option(
+    "--out", type=click.Path(file_okay=False), default=None, help="new run directory (default RUN_DIR-METHOD)"
+)
+@click.option("--experts", type=int, default=None, help="prune/merge: experts left per MoE layer")
+@click.option("--by", type=click.Choice(["weights", "outputs"]), default="weights", show_default=True,
+              help="merge: expert similarity")  # fmt: skip
+@click.option("--reduction", type=click.Choice(["merge", "attention", "router"]), default="merge", show_default=True,
+              help="tokens: ToMe merging, or pruning by attention or router score")  # fmt: skip
+@click.option(
+    "--keep", type=float, default=0.5, show_default=True, help="tokens: fraction of each modality's tokens kept"
+)
+@click.option(
+    "--layers", default="0", show_default=True, help="tokens: blocks after which to reduce (-1: before the first)"
+)
+@click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best")
+def compress(
+    run_dir: str,
+    method: str,
+    out: str | None,
+    experts: int | None,
+    by: str,
+    reduction: str,
+    keep: float,
+    layers: str,
+    checkpoint: str,
+) -> int:
+    from modalmoe.efficiency.compress import compress_run, parse_layers
+
+    out = out or f"{run_dir.rstrip('/')}-{method}"
+    options: dict = {}
+    if method in ("prune-experts", "merge-experts"):
+        options = {"experts": experts, **({"by": by} if method == "merge-experts" else {})}
+    elif method == "tokens":
+        options = {"reduction": reduction, "keep": keep, "layers": parse_layers(layers)}
+    with console.status(f"compressing {run_dir} ({method})"):
+        summary = compress_run(run_dir, out, method, which=checkpoint, **options)
+    before, after = summary["test_before"], summary["test"]
+    shown = [k for k in ("accuracy", "macro_f1", "mse") if k in after]
+    for key in shown:
+        console.print(f"test {key}: {before[key]:.4f} -> {after[key]:.4f}")
+    console.print(f"compressed run -> {out}")
     return 0
 
 

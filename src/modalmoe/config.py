@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -62,6 +70,10 @@ class MoEConfig(_Strict):
             losses are opt-in: they cost time every step.
         router_options: the router's own arguments (``gating``, ``groups``, ``slots_per_expert``, ...).
             Modality-aware routers get the task's modality names automatically.
+        bank_experts: experts in each bank when fewer than ``num_experts`` (a model whose
+            experts were merged after training, ``modalmoe compress --method merge-experts``:
+            the router scores ``num_experts`` and a per-layer map in the checkpoint sends each
+            to its merged expert). None: ``num_experts``; omitted from dumps while None.
     """
 
     every: int = Field(0, ge=0)
@@ -78,6 +90,7 @@ class MoEConfig(_Strict):
         default_factory=lambda: ["load_balance", "z_loss"]
     )
     router_options: dict[str, Any] = Field(default_factory=dict)
+    bank_experts: int | None = Field(None, ge=1)
 
     @field_validator("router")
     @classmethod
@@ -91,7 +104,16 @@ class MoEConfig(_Strict):
     def _k_fits(self) -> MoEConfig:
         if self.k > self.num_experts:
             raise ValueError(f"k={self.k} is larger than num_experts={self.num_experts}")
+        if self.bank_experts is not None and self.bank_experts > self.num_experts:
+            raise ValueError(f"bank_experts={self.bank_experts} is larger than num_experts={self.num_experts}")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_unmerged(self, handler):
+        data = handler(self)
+        if isinstance(data, dict) and self.bank_experts is None:
+            data.pop("bank_experts", None)  # configs and checkpoints from before merging existed
+        return data
 
 
 class FusionConfig(_Strict):
@@ -135,6 +157,78 @@ class HeadConfig(_Strict):
     embed_dim: int | None = Field(None, ge=1)
 
 
+class TokenReductionConfig(_Strict):
+    """Token reduction for long modalities (``modalmoe.efficiency.tokens``): after chosen
+    trunk blocks, each modality keeps a fraction of its tokens, so later blocks run on fewer.
+
+    Attributes:
+        method: ``none``; ``merge`` (ToMe bipartite soft matching, training-free);
+            ``attention`` (keep the tokens that receive the most attention); ``router`` (keep
+            the tokens whose router is most confident; MoE blocks only).
+        layers: 0-based blocks after which tokens are reduced (``[0]``: blocks 1.. run on
+            fewer tokens); -1 means before the first block (``merge`` only).
+        keep: fraction of each modality's real tokens kept at each reducing layer, in (0, 1]
+            (``ceil(keep * n)``, at least 1 per present modality); or modality name ->
+            fraction, where unnamed modalities keep all their tokens.
+        proportional_attention: ``merge``: add ``log(size)`` to later blocks' attention
+            logits, so a merged token weighs as much as the tokens it stands for (ToMe).
+        metric: ``merge``: similarity on the block's attention ``keys`` (mean over heads;
+            ToMe) or on its output ``tokens`` (before the first block it is always the tokens).
+    """
+
+    method: Literal["none", "merge", "attention", "router"] = "none"
+    layers: list[int] = Field(default_factory=lambda: [0])
+    keep: float | dict[str, float] = 0.5
+    proportional_attention: bool = True
+    metric: Literal["keys", "tokens"] = "keys"
+
+    @field_validator("keep")
+    @classmethod
+    def _fractions(cls, keep: float | dict[str, float]) -> float | dict[str, float]:
+        values = keep.values() if isinstance(keep, dict) else [keep]
+        bad = [v for v in values if not 0.0 < v <= 1.0]
+        if bad:
+            raise ValueError(f"keep fractions must be in (0, 1] (1.0 keeps every token), got {bad}")
+        return keep
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, layers: list[int]) -> list[int]:
+        bad = [layer for layer in layers if layer < -1]
+        if bad or len(set(layers)) != len(layers):
+            raise ValueError(
+                f"layers must be distinct block indices >= 0 (after that block) or -1 (before the first "
+                f"block), got {layers}"
+            )
+        return sorted(layers)
+
+    @model_validator(mode="after")
+    def _before_first_block(self) -> TokenReductionConfig:
+        if -1 in self.layers and self.method in ("attention", "router"):
+            raise ValueError(
+                f"layer -1 (before the first block) works only with method 'merge': {self.method!r} scores "
+                "come from a block; use layers >= 0"
+            )
+        return self
+
+
+class QuantizationConfig(_Strict):
+    """Post-training quantization the model's weights have (``modalmoe.efficiency.quantize``).
+
+    Set by ``modalmoe compress RUN_DIR --method int8`` (or ``quantize_int8``), not for
+    training: it tells ``build_model`` to give the model the int8 structure a quantized
+    checkpoint loads into.
+
+    Attributes:
+        method: ``none`` or ``int8`` (int8 weights with a scale per output channel, per
+            expert for expert banks; activations quantized per row at run time).
+        min_weight: layers whose weight has fewer elements stay in float32.
+    """
+
+    method: Literal["none", "int8"] = "none"
+    min_weight: int = Field(8192, ge=0)
+
+
 class ModelConfig(_Strict):
     """A multimodal model: encoders, fusion, trunk, MoE, missing-modality strategy, head.
 
@@ -145,6 +239,11 @@ class ModelConfig(_Strict):
         hidden: FFN width; each expert's width in MoE blocks.
         activation: ``gelu`` or ``swiglu``.
         dropout: attention and residual dropout.
+        token_reduction: fewer tokens after chosen blocks (``TokenReductionConfig``); left
+            out of dumps while ``method`` is ``none``, so configs and checkpoints written
+            before it existed still match.
+        quantization: the weights' post-training quantization (``QuantizationConfig``);
+            omitted from dumps while ``none``, like ``token_reduction``.
     """
 
     dim: int = Field(64, ge=1)
@@ -158,6 +257,8 @@ class ModelConfig(_Strict):
     moe: MoEConfig = Field(default_factory=MoEConfig)
     missing: MissingConfig = Field(default_factory=MissingConfig)
     head: HeadConfig = Field(default_factory=HeadConfig)
+    token_reduction: TokenReductionConfig = Field(default_factory=TokenReductionConfig)
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:
@@ -165,13 +266,48 @@ class ModelConfig(_Strict):
             raise ValueError(f"dim={self.dim} must be a multiple of heads={self.heads}")
         return self
 
+    @model_validator(mode="after")
+    def _token_reduction_fits(self) -> ModelConfig:
+        reduction = self.token_reduction
+        if reduction.method == "none":
+            return self
+        if self.fusion.name not in ("early", "late"):
+            raise ValueError(
+                f"token_reduction works with fusion 'early' or 'late', not {self.fusion.name!r} (bottleneck and "
+                "cross fusion exchange tokens between streams position by position); set token_reduction.method: none"
+            )
+        bad = [layer for layer in reduction.layers if layer >= self.depth]
+        if bad:
+            raise ValueError(
+                f"token_reduction.layers {bad} out of range for depth={self.depth}: use 0..{self.depth - 1} "
+                "(after that block) or -1 (before the first block)"
+            )
+        if reduction.method == "router":
+            every = self.moe.every
+            dense = [layer for layer in reduction.layers if not every or (layer + 1) % every]
+            if dense:
+                raise ValueError(
+                    f"token_reduction.method 'router' needs MoE blocks, but blocks {dense} are dense "
+                    f"(moe.every={every}); use 'attention' or 'merge', or layers whose block has an MoE FFN"
+                )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_default_reduction(self, handler):
+        data = handler(self)
+        if isinstance(data, dict) and self.token_reduction.method == "none":
+            data.pop("token_reduction", None)  # older configs and checkpoints have no such key
+        if isinstance(data, dict) and self.quantization.method == "none":
+            data.pop("quantization", None)
+        return data
+
 
 class ObjectiveConfig(_Strict):
     """One training objective (``modalmoe.objectives``).
 
     Attributes:
         name: a registered objective (``cross_entropy``, ``bce``, ``mse``, ``infonce``,
-            ``matching``, ``masked``).
+            ``matching``, ``masked``, ``distill``).
         weight: its weight in the total loss.
         options: its own arguments (``label_smoothing``, ``pairs``, ``modality``, ``ratio``, ...).
     """
@@ -229,6 +365,32 @@ class CollapseConfig(_Strict):
     patience: int = Field(20, ge=1)
 
 
+class LoRAConfig(_Strict):
+    """Low-rank adaptation (LoRA, Hu et al. 2021): train small adapters on a frozen base
+    (``modalmoe.efficiency.lora``); usually with ``train.init_from`` a trained run.
+
+    Attributes:
+        rank: adapter rank r; 0 turns LoRA off (every parameter trains as usual).
+        alpha: the adapters' output is scaled by ``alpha / rank``.
+        dropout: dropout on the adapted modules' inputs (``nn.Linear``/conv adapters only;
+            expert adapters change the weights, not the inputs).
+        targets: ``nn.Linear`` (and ``Conv1d``/``Conv2d``) modules to adapt, by name or dotted
+            name suffix: ``qkv``, ``out`` (attention), ``q``, ``kv`` (cross-attention),
+            ``w_in``, ``w_out`` (dense FFNs and shared experts), ``proj``, ``patchify``
+            (encoders' projections). Heads are never adapted (see ``train_heads``).
+        experts: adapt the stacked expert weights of every MoE layer (per-expert factors).
+        train_heads: keep the prediction and embedding heads fully trainable (needed when the
+            head is new, for a new task); False freezes them too.
+    """
+
+    rank: int = Field(0, ge=0)
+    alpha: float = Field(16.0, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    targets: list[str] = Field(default_factory=lambda: ["qkv", "out", "q", "kv", "w_in", "w_out"])
+    experts: bool = True
+    train_heads: bool = True
+
+
 class TrainConfig(_Strict):
     """How to train.
 
@@ -250,6 +412,10 @@ class TrainConfig(_Strict):
         checkpoint_every: also checkpoint every this many optimiser steps (None: per epoch only).
         ogm: OGM-GE for modality imbalance.
         collapse: the router collapse alarm.
+        init_from: a run directory whose best checkpoint initialises the model before
+            training (tensors whose names and shapes match; the rest, e.g. a head for another
+            number of classes, keep their fresh init and are reported); None: a fresh model.
+        lora: low-rank adapters on a frozen base (``rank: 0``: off).
     """
 
     epochs: int = Field(30, ge=1)
@@ -268,6 +434,28 @@ class TrainConfig(_Strict):
     checkpoint_every: int | None = Field(None, ge=1)
     ogm: OGMConfig = Field(default_factory=OGMConfig)
     collapse: CollapseConfig = Field(default_factory=CollapseConfig)
+    init_from: str | None = None
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
+
+
+class DistributedConfig(_Strict):
+    """How a run launched by torchrun splits its work (``modalmoe.train.distributed``); a
+    single process ignores it unless ``expert_parallel_size > 1``, which needs torchrun.
+
+    Kept apart from ``train``: a checkpoint resumes or loads at any world size and expert-parallel
+    size, so changing these does not make it "a different run".
+
+    Attributes:
+        expert_parallel_size: P, the ranks that share one copy of the experts; rank r of each
+            group of P consecutive ranks holds experts ``[r*E/P, (r+1)*E/P)`` and tokens reach
+            them by all-to-all. 1: every rank holds every expert (plain data parallel). Must
+            divide ``model.moe.num_experts`` and the number of processes.
+        backend: ``gloo`` or ``nccl`` (CUDA tensors over nccl, CPU ones over gloo); None picks
+            nccl when CUDA is available, else gloo.
+    """
+
+    expert_parallel_size: int = Field(1, ge=1)
+    backend: Literal["gloo", "nccl"] | None = None
 
 
 class ExperimentConfig(_Strict):
@@ -282,6 +470,7 @@ class ExperimentConfig(_Strict):
             unimodal reference a missing-modality model is compared with.
         model: the model.
         train: the training recipe.
+        distributed: data and expert parallelism under torchrun.
     """
 
     name: str = ""
@@ -291,6 +480,22 @@ class ExperimentConfig(_Strict):
     modalities: list[str] | None = None
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+
+    @model_validator(mode="after")
+    def _experts_split(self) -> ExperimentConfig:
+        size, moe = self.distributed.expert_parallel_size, self.model.moe
+        if size > 1 and not moe.every:
+            raise ValueError(
+                f"distributed.expert_parallel_size={size} needs MoE layers to shard; set model.moe.every >= 1 "
+                "or distributed.expert_parallel_size=1"
+            )
+        if moe.num_experts % size:
+            raise ValueError(
+                f"model.moe.num_experts={moe.num_experts} is not divisible by distributed.expert_parallel_size="
+                f"{size}; every rank must hold the same number of experts"
+            )
+        return self
 
     @model_validator(mode="after")
     def _only_selected_encoders(self) -> ExperimentConfig:

@@ -64,7 +64,9 @@ def task_rows(records: list[dict], metric: str) -> list[Row]:
         values = {r["seed"]: r["metrics"].get(metric) for r in recs if r["metrics"].get(metric) is not None}
         if not values:
             continue
-        row = Row(design, values, summarize(list(values.values())), dense=design.startswith("dense-"))
+        row = Row(
+            design, values, summarize(list(values.values())), dense=design.startswith("dense-") and "+" not in design
+        )
         missing, rr = [], []
         for r in recs:
             ev = r.get("evaluation") or {}

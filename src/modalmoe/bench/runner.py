@@ -191,19 +191,33 @@ def _run_cell(cell: Cell, suite: SuiteConfig, budget: float | None, out: Path) -
     result = Trainer(cfg, run_dir, task=task, progress=False).fit()
     train_seconds = time.perf_counter() - t0
     model = load_run_model(run_dir)
-    t0 = time.perf_counter()
-    report = evaluate(
-        model,
-        task.test,
-        subsets=suite.robustness.subsets,
-        noise_levels=[0, *suite.robustness.noise] if suite.robustness.noise else [],
-        train_scale=task.train,
-        seed=cell.seed,
-    )
-    eval_seconds = time.perf_counter() - t0
-    numbers = profile_model(model, task.test, repeats=10)  # the same numbers as `modalmoe profile`
+
+    def evaluate_model(model):
+        t0 = time.perf_counter()
+        report = evaluate(
+            model,
+            task.test,
+            subsets=suite.robustness.subsets,
+            noise_levels=[0, *suite.robustness.noise] if suite.robustness.noise else [],
+            train_scale=task.train,
+            seed=cell.seed,
+        )
+        return report, time.perf_counter() - t0
+
+    def profile(model):
+        return profile_model(model, task.test, repeats=10)  # the same numbers as `modalmoe profile`
+
+    report, eval_seconds = evaluate_model(model)
+    numbers = profile(model)
     size = numbers["batch_size"]
+    variants, skipped = [], {}
+    if suite.compress and cell.imbalance is None:
+        from modalmoe.bench.variants import run_variants
+
+        variants, skipped = run_variants(cell, suite, cfg, task, run_dir, out, evaluate_model, profile)
     return {
+        "variants": variants,
+        "skipped_variants": skipped,
         "config": cfg.model_dump(mode="json"),
         "run_dir": str(run_dir.relative_to(out)),
         "metrics": report.metrics,
@@ -295,6 +309,9 @@ def run_bench(
         task_id = bar.add_task(f"bench {suite.name}", total=len(cells), info="")
 
         def finish(record: dict) -> None:
+            for variant in record.pop("variants", []):  # first: the base record marks the cell done
+                variant["environment"] = record.get("environment")
+                store.append(variant)
             store.append(record)
             status = "ok" if record["status"] == "ok" else "[red]failed[/red]"
             bar.update(task_id, advance=1, info=f"{record['task']} {record['design']} s{record['seed']}: {status}")

@@ -35,6 +35,52 @@ class RobustnessConfig(_Strict):
     imbalance: list[float] = Field(default_factory=list)
 
 
+class CompressConfig(_Strict):
+    """One efficiency method applied to every trained cell it fits (``modalmoe.efficiency``);
+    each gives an extra leaderboard row ``<design>+<label>`` with its own accuracy, FLOPs and
+    latency, so the Pareto plots show the methods beside the designs.
+
+    Attributes:
+        method: ``int8``; ``prune-experts`` / ``merge-experts`` (MoE designs whose router
+            supports it); ``tokens`` (early and late fusion); ``distill`` (MoE designs: the
+            trained cell is the teacher of a dense ``student`` trained with 0.5 cross-entropy
+            + 0.5 KD at ``temperature``).
+        experts: experts left per layer (prune, merge).
+        by: merge similarity, ``weights`` or ``outputs``.
+        reduction, keep, layers: token reduction (``TokenReductionConfig``).
+        student: the student's design (distill), built at its preset's size plus
+            ``student_overrides`` (not compute-matched: it is meant to be cheaper).
+    """
+
+    method: Literal["int8", "prune-experts", "merge-experts", "tokens", "distill"]
+    experts: int | None = Field(None, ge=1)
+    by: Literal["weights", "outputs"] = "weights"
+    reduction: Literal["merge", "attention", "router"] = "merge"
+    keep: float = Field(0.5, gt=0.0, le=1.0)
+    layers: list[int] = Field(default_factory=lambda: [0])
+    student: str = "dense-early"
+    student_overrides: list[str] = Field(default_factory=list)
+    temperature: float = Field(2.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _complete(self) -> CompressConfig:
+        if self.method in ("prune-experts", "merge-experts") and self.experts is None:
+            raise ValueError(f"compress method {self.method!r} needs experts: N (experts left per layer)")
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.method == "int8":
+            return "int8"
+        if self.method == "prune-experts":
+            return f"prune{self.experts}"
+        if self.method == "merge-experts":
+            return f"merge{self.experts}-{self.by}"
+        if self.method == "tokens":
+            return f"{self.reduction}-tokens{self.keep:g}@{','.join(map(str, self.layers))}"
+        return f"distill-{self.student}" + ("*" if self.student_overrides else "")
+
+
 class SuiteConfig(_Strict):
     """A benchmark suite.
 
@@ -51,6 +97,7 @@ class SuiteConfig(_Strict):
         task_overrides: task -> more overrides.
         limit: task -> maximum samples per split (a seeded random subset; for quick suites).
         robustness: the robustness axes.
+        compress: efficiency methods applied to each trained cell (``CompressConfig``).
     """
 
     name: str
@@ -65,6 +112,7 @@ class SuiteConfig(_Strict):
     task_overrides: dict[str, list[str]] = Field(default_factory=dict)
     limit: dict[str, int] = Field(default_factory=dict)
     robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
+    compress: list[CompressConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _known_parts(self) -> SuiteConfig:

@@ -104,7 +104,9 @@ def measure_cost(model: nn.Module, batch, **forward_kwargs) -> Cost:
     """
     was_training = model.training
     model.eval()
-    banks = {m: name for name, m in model.named_modules() if isinstance(m, ExpertBank)}
+    from modalmoe.efficiency.quantize import Int8ExpertBank, weight_count
+
+    banks = {m: name for name, m in model.named_modules() if isinstance(m, (ExpertBank, Int8ExpertBank))}
     rows: dict[str, int] = defaultdict(int)
     routed: dict[str, int] = defaultdict(int)
     hooks = []
@@ -152,7 +154,7 @@ def measure_cost(model: nn.Module, batch, **forward_kwargs) -> Cost:
     components["attention"] += _sdpa_flops(counter)
     components["other"] = max(0.0, total - sum(components.values()))
 
-    params = sum(p.numel() for p in model.parameters())
+    params = weight_count(model)  # parameters, plus int8 weights (buffers) in a quantized model
     active = float(params)
     for bank, name in banks.items():
         per_expert = (bank.w_in.numel() + bank.w_out.numel()) / bank.num_experts

@@ -9,7 +9,9 @@ record are collected and returned, never stored on a module.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -18,14 +20,34 @@ from torch import Tensor, nn
 from modalmoe.moe import FeedForward, MoELayer, build_moe_layer
 from modalmoe.moe.types import RoutingRecord
 
+if TYPE_CHECKING:
+    from modalmoe.efficiency.tokens import TokenReduction
+
 
 @dataclass
 class TrunkOutput:
-    """x: [B, N, D]; aux_losses: name -> sum over MoE layers; records: one per MoE layer."""
+    """x: [B, N, D]; aux_losses: name -> sum over MoE layers; records: one per MoE layer;
+    mask: [B, N] which positions carry a state after token reduction (pruned ones do not;
+    merged ones carry their merged token's state), or None when the trunk reduced nothing."""
 
     x: Tensor
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
     records: list[RoutingRecord] = field(default_factory=list)
+    mask: Tensor | None = None
+
+
+@dataclass
+class BlockStats:
+    """What a block reports for token reduction (``modalmoe.efficiency.tokens``).
+
+    Attributes:
+        keys: [B, N, D/heads] its attention keys, mean over heads (ToMe's merge metric).
+        received: [B, N] attention each token received (mean over heads and real queries),
+            or None unless asked for.
+    """
+
+    keys: Tensor
+    received: Tensor | None = None
 
 
 @dataclass
@@ -65,10 +87,56 @@ class Block(nn.Module):
         )
         return self.out(y.transpose(1, 2).reshape(b, n, d))
 
-    def forward(self, x: Tensor, mask: Tensor, modality: Tensor, sample: Tensor):
+    def attention_with_stats(
+        self, x: Tensor, mask: Tensor, *, size: Tensor | None = None, scores: bool = False
+    ) -> tuple[Tensor, BlockStats]:
+        """``attention`` plus what token reduction needs.
+
+        Args:
+            x: [B, N, D] normalised tokens; mask: [B, N] real tokens.
+            size: [B, N] tokens each one stands for after merging: ``log(size)`` is added to
+                the logits (ToMe's proportional attention); None for none.
+            scores: compute the attention probabilities explicitly (instead of the fused
+                kernel) to report the attention each token received.
+        """
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        bias = mask[:, None, None, :]
+        if size is not None:
+            bias = torch.where(bias, size.clamp_min(1e-6).log().to(q.dtype)[:, None, None, :], -math.inf)
+        received = None
+        if scores:
+            logits = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+            logits = logits + bias if bias.dtype != torch.bool else logits.masked_fill(~bias, -math.inf)
+            probs = logits.softmax(-1)
+            weight = mask.to(probs.dtype)  # padding queries do not vote
+            received = (probs.mean(1) * weight.unsqueeze(-1)).sum(1) / weight.sum(1, keepdim=True).clamp_min(1.0)
+            y = F.dropout(probs, self.dropout, self.training) @ v
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
+            )
+        return self.out(y.transpose(1, 2).reshape(b, n, d)), BlockStats(k.mean(1), received)
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor,
+        modality: Tensor,
+        sample: Tensor,
+        *,
+        size: Tensor | None = None,
+        stats: bool = False,
+        scores: bool = False,
+    ):
         """x: [B, N, D], mask: [B, N] real tokens, modality/sample: [B, N] ids ->
-        (x, aux_losses or None, record or None)."""
-        x = x + F.dropout(self.attention(self.norm1(x), mask), self.dropout, self.training)
+        (x, aux_losses or None, record or None), plus ``BlockStats`` when ``stats`` (token
+        reduction; ``size`` and ``scores`` as in ``attention_with_stats``)."""
+        if stats:
+            attended, block_stats = self.attention_with_stats(self.norm1(x), mask, size=size, scores=scores)
+        else:
+            attended = self.attention(self.norm1(x), mask)
+        x = x + F.dropout(attended, self.dropout, self.training)
         h = self.norm2(x)
         if isinstance(self.ffn, MoELayer):
             out = self.ffn(h, modality=modality, sample=sample, mask=mask)
@@ -80,7 +148,8 @@ class Block(nn.Module):
             flat = h.reshape(-1, h.shape[-1])
             y = torch.zeros_like(flat).index_copy(0, rows, self.ffn(flat.index_select(0, rows))).view_as(h)
             aux, record = None, None
-        return (x + F.dropout(y, self.dropout, self.training)) * mask.unsqueeze(-1), aux, record
+        x = (x + F.dropout(y, self.dropout, self.training)) * mask.unsqueeze(-1)
+        return (x, aux, record, block_stats) if stats else (x, aux, record)
 
 
 class Trunk(nn.Module):
@@ -94,6 +163,9 @@ class Trunk(nn.Module):
         moe: arguments of ``build_moe_layer`` (``num_experts``, ``router``, ``k``, ...).
         dropout: see ``Block``.
         expert_hidden: each expert's width (None: ``hidden``).
+
+    ``reduction`` (a ``modalmoe.efficiency.tokens.TokenReduction``, None by default; set by
+    ``build_model`` or ``apply_token_reduction``) shrinks the tokens after chosen blocks.
     """
 
     def __init__(
@@ -124,6 +196,7 @@ class Trunk(nn.Module):
             )
         )
         self.norm = nn.LayerNorm(dim)
+        self.reduction: TokenReduction | None = None
 
     def forward(
         self, x: Tensor, mask: Tensor, modality: Tensor | None = None, sample: Tensor | None = None
@@ -139,10 +212,27 @@ class Trunk(nn.Module):
         sample = torch.arange(b, device=x.device) if sample is None else sample
         sample = sample.unsqueeze(1).expand(b, n)
         out = TrunkOutput(x * mask.unsqueeze(-1))
+        if self.reduction is not None and self.reduction.active:
+            return self._forward_reduced(out, mask, modality, sample)
         for block in self.blocks:
             out.x, block_aux, record = block(out.x, mask, modality, sample)
             collect(out, block_aux, record)
         out.x = self.norm(out.x) * mask.unsqueeze(-1)
+        return out
+
+    def _forward_reduced(self, out: TrunkOutput, mask: Tensor, modality: Tensor, sample: Tensor) -> TrunkOutput:
+        """The blocks on shrinking tokens; the output goes back to the original positions."""
+        reduction = self.reduction
+        state = reduction.reduce(reduction.start(out.x, mask, modality, sample), -1)
+        for i, block in enumerate(self.blocks):
+            size = reduction.bias(state)
+            scores = reduction.needs_attention(i)
+            x, block_aux, record, stats = block(
+                state.x, state.mask, state.modality, state.sample, size=size, stats=True, scores=scores
+            )
+            collect(out, block_aux, record)
+            state = reduction.reduce(replace(state, x=x), i, stats=stats, record=record)
+        out.x, out.mask = reduction.restore(state, self.norm(state.x) * state.mask.unsqueeze(-1))
         return out
 
 

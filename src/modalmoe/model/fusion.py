@@ -16,6 +16,9 @@ only on the rows that have their modality, so nothing is computed from placehold
 - ``cross``: a transformer per modality that, before each block, cross-attends to the other
   modalities' tokens (ViLBERT/LXMERT-style co-attention). A learned null key lets a sample
   with a single modality attend to "nothing" instead of producing NaNs.
+
+``early`` and ``late`` support token reduction (``modalmoe.efficiency.tokens``): their
+trunks hand back states at the original positions, and pooling skips pruned ones.
 """
 
 from __future__ import annotations
@@ -93,8 +96,11 @@ class EarlyFusion(Fusion):
         mask = torch.cat([s.mask for s in streams], 1)
         modality = torch.cat([torch.full_like(s.mask, i, dtype=torch.long) for i, s in enumerate(streams)], 1)
         out = self.trunk(x, mask, modality)
-        tokens = list(out.x.split([s.mask.shape[1] for s in streams], 1))  # the trunk zeroes padding
-        pooled = [masked_mean(x, s.mask) for x, s in zip(tokens, streams, strict=True)]
+        widths = [s.mask.shape[1] for s in streams]
+        tokens = list(out.x.split(widths, 1))  # the trunk zeroes padding
+        # After token reduction, pool only the positions that still carry a state.
+        masks = [s.mask for s in streams] if out.mask is None else list(out.mask.split(widths, 1))
+        pooled = [masked_mean(x, m) for x, m in zip(tokens, masks, strict=True)]
         present = torch.stack([s.mask.any(1) for s in streams], 1)
         return FusionOutput(torch.stack(pooled, 1), present, out.aux_losses, out.records, tokens)
 
@@ -117,7 +123,8 @@ class LateFusion(Fusion):
             if rows.numel():
                 x, mask = s.x.index_select(0, rows), s.mask.index_select(0, rows)
                 out = trunk(x, mask, _stream_ids(rows, x.shape[1], i), sample=rows)
-                column = column.index_copy(0, rows, masked_mean(out.x, mask))
+                pool = mask if out.mask is None else out.mask  # after token reduction: what is left
+                column = column.index_copy(0, rows, masked_mean(out.x, pool))
                 states = states.index_copy(0, rows, out.x)
                 result.records.extend(out.records)
                 collect(result, out.aux_losses, None)

@@ -264,6 +264,8 @@ def moe_arguments(config: ModelConfig, modalities: list[str]) -> dict | None:
         communication_dim=moe.communication_dim,
         router_options=options,
     )
+    if moe.bank_experts is not None:
+        args["bank_experts"] = moe.bank_experts
     return args
 
 
@@ -308,12 +310,16 @@ def build_model(
         trunk["expert_hidden"] = moe["hidden"]
     extra = {"bottleneck_tokens": config.fusion.bottleneck_tokens} if config.fusion.name == "bottleneck" else {}
     fusion = fusions.create(config.fusion.name, modalities=names, **trunk, **extra)
+    if config.token_reduction.method != "none":
+        from modalmoe.efficiency.tokens import configure  # modalmoe.efficiency imports this package
+
+        configure(fusion, config.token_reduction)
     kind = config.head.kind or ("classification" if task_type == "classification" else "regression")
     if outputs is None:
         if kind != "regression":
             raise ValueError(f"a {kind} head needs `outputs` (the number of classes or labels)")
         outputs = 1
-    return MultimodalModel(
+    model = MultimodalModel(
         encoders=built,
         fusion=fusion,
         head=Head(kind=kind, dim=config.dim, outputs=outputs),
@@ -326,3 +332,8 @@ def build_model(
         modality_dropout=config.missing.dropout,
         config=config,
     )
+    if config.quantization.method == "int8":
+        from modalmoe.efficiency.quantize import int8_structure  # modalmoe.efficiency imports this package
+
+        int8_structure(model, min_weight=config.quantization.min_weight)  # a quantized checkpoint loads into it
+    return model

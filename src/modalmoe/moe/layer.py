@@ -42,6 +42,10 @@ class MoELayer(nn.Module):
             summed (``moe/communication.py``); None or ``NoCommunication`` for the plain
             gate-weighted sum, computed by the fused path (the gate scales rows inside the
             expert kernel). Not available with soft MoE, which has no per-token choices.
+        expert_map: [E] the bank expert each of the router's E experts runs as (after merging
+            experts, ``modalmoe.efficiency.experts``: the router still scores E experts, and a
+            token that picks two merged into one gets that one at the sum of their weights);
+            None: the router's experts are the bank's.
     """
 
     def __init__(
@@ -55,10 +59,20 @@ class MoELayer(nn.Module):
         entropy_threshold: float | None = None,
         communication: nn.Module | None = None,
         aux: tuple[str, ...] = AUX_LOSSES,
+        expert_map: Tensor | None = None,
     ) -> None:
         super().__init__()
-        if router.num_experts != experts.num_experts:
+        if expert_map is None and router.num_experts != experts.num_experts:
             raise ValueError(f"router has {router.num_experts} experts but the bank has {experts.num_experts}")
+        if expert_map is not None:
+            if expert_map.shape != (router.num_experts,):
+                raise ValueError(f"expert_map must have one entry per router expert ({router.num_experts})")
+            if int(expert_map.min()) < 0 or int(expert_map.max()) >= experts.num_experts:
+                raise ValueError(f"expert_map entries must be bank experts 0..{experts.num_experts - 1}")
+            if communication is not None or "slot_keys" in router.expert_params:
+                raise ValueError("merged experts (expert_map) work with per-token choices and the plain combine only")
+        # Persistent when set, so a merged model's checkpoint carries its map.
+        self.register_buffer("expert_map", None if expert_map is None else expert_map.long().clone())
         if router.dim != experts.dim:
             raise ValueError(f"router width {router.dim} != expert width {experts.dim}")
         if communication is not None and getattr(communication, "dim", experts.dim) != experts.dim:
@@ -130,7 +144,9 @@ class MoELayer(nn.Module):
             capacity = expert_capacity(
                 tokens.shape[0], routing.expert_index.shape[1], self.experts.num_experts, self.capacity_factor
             )
-            plan = plan_dispatch(routing.expert_index, self.experts.num_experts, valid=routing.valid, capacity=capacity)
+            # Records and aux losses keep the router's own choices; merged experts run as one.
+            chosen = routing.expert_index if self.expert_map is None else self.expert_map[routing.expert_index]
+            plan = plan_dispatch(chosen, self.experts.num_experts, valid=routing.valid, capacity=capacity)
             dropped = plan.dropped
             if exchange:
                 outputs = dispatch_outputs(tokens, plan, self.experts, routing.expert_index.shape[1])
@@ -149,7 +165,7 @@ class MoELayer(nn.Module):
             sample=sample,
             dropped=dropped,
             valid=valid,
-            num_experts=self.experts.num_experts,
+            num_experts=self.router.num_experts,  # the router's experts (a merged bank has fewer)
             capacity=capacity,
         )
         if keep is not None:
@@ -176,6 +192,7 @@ def build_moe_layer(
     communication_dim: int | None = None,
     aux: tuple[str, ...] = AUX_LOSSES,
     router_options: dict | None = None,
+    bank_experts: int | None = None,
     **router_kwargs,
 ) -> MoELayer:
     """Component builder: an ``MoELayer`` from plain parameters.
@@ -195,6 +212,8 @@ def build_moe_layer(
         communication: a name in ``modalmoe.moe.communication.communications`` ("none",
             "dense", "star"); "none" builds no module and keeps the fused combine.
         communication_dim: the exchange width r of the communication module (default D // 4).
+        bank_experts: experts in the bank when fewer than the router's (a merged model's
+            structure; its ``expert_map`` comes from the checkpoint). None: ``num_experts``.
     """
     from modalmoe.moe.routers import routers  # the registry; imported here to keep import order simple
 
@@ -208,7 +227,7 @@ def build_moe_layer(
         )
     return MoELayer(
         router=routers.create(router, dim=dim, num_experts=num_experts, **{**router_kwargs, **(router_options or {})}),
-        experts=ExpertBank(num_experts=num_experts, dim=dim, hidden=hidden, activation=activation),
+        experts=ExpertBank(num_experts=bank_experts or num_experts, dim=dim, hidden=hidden, activation=activation),
         shared=FeedForward(dim=dim, hidden=hidden * shared_experts, activation=activation) if shared_experts else None,
         capacity_factor=capacity_factor,
         uniform=uniform,
@@ -217,4 +236,7 @@ def build_moe_layer(
         communication=None
         if communication == "none"
         else communications.create(communication, dim=dim, hidden=communication_dim),
+        expert_map=None
+        if bank_experts is None or bank_experts == num_experts
+        else torch.arange(num_experts) % bank_experts,
     )

@@ -12,6 +12,7 @@ Each objective is registered by name and returns named, unweighted loss terms; a
 - ``infonce`` (``contrastive.py``): CLIP's symmetric InfoNCE between modality pairs;
 - ``matching`` (``matching.py``): ALBEF/ViLT-style matching against swapped-modality negatives;
 - ``masked`` (``masked.py``): masked modelling of one modality's tokens;
+- ``distill`` (``distill.py``): knowledge distillation from a trained run (the teacher);
 - ``ogm_ge`` (``ogm.py``): not a loss but a gradient modulation for modality imbalance.
 
 Adding an objective: one new file with an ``Objective`` subclass registered by name and an
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 from modalmoe.config import ObjectiveConfig
 from modalmoe.data.batch import MultimodalBatch
 from modalmoe.model.multimodal import ModelOutput
-from modalmoe.objectives import contrastive, masked, matching, supervised  # noqa: F401  (registration)
+from modalmoe.objectives import contrastive, distill, masked, matching, supervised  # noqa: F401  (registration)
 from modalmoe.objectives.base import Objective, objectives
 from modalmoe.objectives.ogm import ogm_ge
 

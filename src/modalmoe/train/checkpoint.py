@@ -73,6 +73,8 @@ def save_checkpoint(
     progress: dict,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
+    state: dict[str, Any] | None = None,
+    optimizer_state: dict | None = None,
 ) -> Path:
     """Write a checkpoint atomically.
 
@@ -82,10 +84,13 @@ def save_checkpoint(
         config: the experiment config as a JSON-safe mapping.
         progress: JSON-safe training progress.
         optimizer, scheduler: saved when given.
+        state, optimizer_state: saved instead of ``module.state_dict()`` and
+            ``optimizer.state_dict()`` when given (a distributed run passes them with its
+            sharded experts gathered, ``modalmoe.train.distributed``).
     """
     tensors: dict[str, Tensor] = {}
     extra: dict[str, Any] = {}
-    for key, value in module.state_dict().items():
+    for key, value in (module.state_dict() if state is None else state).items():
         if isinstance(value, Tensor):
             # Clone: safetensors refuses tensors that share storage (views, tied weights).
             tensors[_MODEL + key] = value.detach().cpu().contiguous().clone()
@@ -93,7 +98,7 @@ def save_checkpoint(
             extra[key] = _json_safe(value, f"extra state {key!r}")
     meta: dict[str, Any] = {"extra_state": extra}
     if optimizer is not None:
-        state = optimizer.state_dict()
+        state = optimizer.state_dict() if optimizer_state is None else optimizer_state
         plain: dict[str, dict] = {}
         for index, entries in state["state"].items():
             for name, value in entries.items():

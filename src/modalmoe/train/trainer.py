@@ -37,9 +37,8 @@ from modalmoe.train.checkpoint import (
     CheckpointError,
     check_config,
     load_checkpoint,
-    restore_training,
-    save_checkpoint,
 )
+from modalmoe.train.distributed import NullLog, setup_parallel
 
 
 class TrainingError(RuntimeError):
@@ -124,7 +123,22 @@ class Trainer:
         model = build_model(self.config.model, self.task.specs, task_type=train.task_type, outputs=_outputs(train)).fit(
             train
         )
-        objectives = build_objectives(self.config.train.objectives, head_kind=model.head.kind, dim=model.fusion.dim)
+        cfg = self.config.train
+        self.init_report = None
+        if cfg.init_from is not None:  # after fit: the run's encoder statistics and tokenizers win
+            from modalmoe.train.init import init_from_run
+
+            self.init_report = init_from_run(model, cfg.init_from)
+            self.console.print(self.init_report.summary())
+        if cfg.lora.rank:
+            from modalmoe.efficiency.lora import apply_lora
+
+            self.console.print(apply_lora(model, cfg.lora).summary())
+        objectives = build_objectives(cfg.objectives, head_kind=model.head.kind, dim=model.fusion.dim)
+        for objective in objectives.objectives.values():
+            check = getattr(objective, "check_task", None)  # objectives that read another run (distill)
+            if check is not None:
+                check(self.task)
         return model, objectives
 
     def _optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
@@ -151,9 +165,12 @@ class Trainer:
                 f"{str(self.out)!r} already holds a run; pass --resume to continue it, or choose another --out"
             )
         model, objectives = self.build()
+        train = self.task.train
+        # Under torchrun: shard experts, wrap in DDP (modalmoe.train.distributed); else a no-op.
+        parallel = setup_parallel(self.config, len(train))
+        forward_model = parallel.prepare(model)
         module = nn.ModuleDict({"model": model, "objectives": objectives})
         optimizer = self._optimizer(module)
-        train = self.task.train
         batches_per_epoch = math.ceil(len(train) / cfg.batch_size)
         steps_per_epoch = math.ceil(batches_per_epoch / cfg.accumulate)
         total_steps = cfg.epochs * steps_per_epoch
@@ -164,14 +181,14 @@ class Trainer:
         if resume:
             checkpoint = load_checkpoint(last_path)
             check_config(checkpoint, config_json, sections=("task", "task_options", "model", "train"))
-            restore_training(checkpoint, module=module, optimizer=optimizer, scheduler=scheduler)
+            parallel.restore_training(checkpoint, module=module, optimizer=optimizer, scheduler=scheduler)
             progress = checkpoint.progress
             self.console.print(f"resuming {self.out} at step {progress['step']} (epoch {progress['epoch']})")
-        else:
+        elif parallel.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "config.yaml", to_yaml(self.config))
             write_task_info(self.out, self.task)
-        log = _Log(self.out, purge_after=progress["step"] if resume else None)
+        log = _Log(self.out, purge_after=progress["step"] if resume else None) if parallel.is_main else NullLog()
         monitor = self._collapse_monitor()
         if monitor is not None and progress.get("collapse"):
             monitor.load_state_dict(progress["collapse"])
@@ -179,13 +196,13 @@ class Trainer:
         def checkpoint_to(path: Path) -> None:
             if monitor is not None:
                 progress["collapse"] = monitor.state_dict()
-            save_checkpoint(
+            parallel.save_checkpoint(
                 path, module=module, config=config_json, progress=progress, optimizer=optimizer, scheduler=scheduler
             )
 
         started = time.perf_counter()
         terms: dict[str, float] = {"loss": float("nan")}
-        bar = _bar(self.console, total_steps, self.show_progress)
+        bar = _bar(self.console, total_steps, self.show_progress and parallel.is_main)
         with bar:
             task_id = bar.add_task("train", total=total_steps, completed=progress["step"], info="")
             while progress["epoch"] < cfg.epochs and not progress["stopped_early"]:
@@ -194,16 +211,18 @@ class Trainer:
                 module.train()
                 micro = 0
                 for index in range(progress["batch"], batches_per_epoch):
-                    batch = train.batch(order[index * cfg.batch_size : (index + 1) * cfg.batch_size])
-                    terms, records = self._backward(
-                        model, objectives, batch, progress["step"], scale=1 / cfg.accumulate
-                    )
+                    rows = order[index * cfg.batch_size : (index + 1) * cfg.batch_size]
+                    batch = train.batch(parallel.shard(rows))  # this rank's slice of the global batch
+                    scale = parallel.loss_scale(rows) / cfg.accumulate
+                    terms, records = self._backward(forward_model, objectives, batch, progress["step"], scale=scale)
+                    terms = parallel.reduce_terms(terms, rows)
                     micro += 1
                     if micro % cfg.accumulate and index + 1 < batches_per_epoch:
                         continue
                     modulation = self._modulate(model, batch)
+                    parallel.sync_gradients(module, forward_model)
                     if cfg.clip_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.clip_norm)
+                        parallel.clip_grad_norm_(module, cfg.clip_norm)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -223,7 +242,7 @@ class Trainer:
                         checkpoint_to(last_path)
                 progress["epoch"], progress["batch"] = epoch + 1, 0
                 if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                    metrics = self.validate(model)
+                    metrics = parallel.broadcast(self.validate(model))  # rank 0's, so all stop alike
                     log.write("valid", {"step": progress["step"], "epoch": epoch + 1, **metrics})
                     improved = self._early_stopping(progress, metrics)
                     if improved:
@@ -233,6 +252,10 @@ class Trainer:
                     bar.update(task_id, info=f"loss {terms['loss']:.4f} | valid {shown}")
                 checkpoint_to(last_path)
         log.close()
+        parallel.close()
+        if not parallel.is_main:  # rank 0 evaluates the best checkpoint and writes the summary
+            best = progress.get("best_metrics", {})
+            return TrainResult(self.out, progress["step"], progress["epoch"], best, {}, progress["stopped_early"])
         return self._finish(progress, time.perf_counter() - started)
 
     def _collapse_monitor(self):
@@ -326,10 +349,12 @@ class Trainer:
         return improved
 
     def _finish(self, progress: dict, seconds: float) -> TrainResult:
+        from modalmoe.efficiency.lora import count_parameters
         from modalmoe.evaluate.metrics import task_metrics
         from modalmoe.evaluate.runner import predict
 
         model = load_run_model(self.out, which="best")
+        trainable, total = count_parameters(model)
         test_pred = predict(model, self.task.test, batch_size=256)
         test = task_metrics(test_pred.logits, test_pred.target, self._head_kind())
         best = progress["best_metrics"]  # the validation metrics of the best checkpoint, kept when it was saved
@@ -342,7 +367,10 @@ class Trainer:
             "train_seconds": round(seconds, 2),
             "valid": best,
             "test": test,
+            "parameters": {"trainable": trainable, "total": total, "trainable_fraction": trainable / max(1, total)},
         }
+        if getattr(self, "init_report", None) is not None:
+            summary["init_from"] = self.init_report.to_json()
         atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
         return TrainResult(self.out, progress["step"], progress["epoch"], best, test, progress["stopped_early"])
 
@@ -398,6 +426,10 @@ def load_run_model(run_dir: str | Path, *, which: str = "best") -> MultimodalMod
     checkpoint = load_checkpoint(path)
     check_config(checkpoint, config.model_dump(mode="json"))
     model = build_model(config.model, info["specs"], task_type=info["task_type"], outputs=info["outputs"])
+    if config.train.lora.rank:  # the checkpoint holds the adapted model: rebuild its adapters first
+        from modalmoe.efficiency.lora import apply_lora
+
+        apply_lora(model, config.train.lora)
     restore_module(model, checkpoint.model_state(), f"checkpoint {str(path)!r}")
     return model.eval()
 

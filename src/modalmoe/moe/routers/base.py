@@ -32,6 +32,32 @@ class Router(nn.Module):
             raise ValueError(f"k must be between 1 and num_experts={num_experts}, got k={k}")
         self.dim, self.num_experts, self.k = dim, num_experts, k
 
+    #: Parameters with one slice per expert, and the dim that indexes experts (``{"weight":
+    #: 0}`` for an [E, D] projection). Routers that declare them support ``keep_experts``
+    #: (expert pruning, ``modalmoe.efficiency.experts``); an empty mapping means the router's
+    #: experts are tied to a structure pruning would break (e.g. modality groups).
+    expert_params: dict[str, int] = {}
+
+    def keep_experts(self, index: Tensor) -> None:
+        """Keep only experts ``index`` (in that order), in place: after this the router scores
+        ``len(index)`` experts, and expert ``j`` is the old ``index[j]``."""
+        if not self.expert_params:
+            raise NotImplementedError(
+                f"{type(self).__name__} does not support dropping experts (its experts are tied to a "
+                "structure such as modality groups); prune a token_choice, expert_choice, soft or "
+                "per_modality model instead"
+            )
+        if not 1 <= len(index) <= self.num_experts or len(set(index.tolist())) != len(index):
+            raise ValueError(f"keep 1..{self.num_experts} distinct experts, got {index.tolist()}")
+        if self.k > len(index):
+            raise ValueError(f"cannot keep {len(index)} experts with k={self.k}: keep at least k")
+        for name, dim in self.expert_params.items():
+            param = getattr(self, name)
+            per_expert = param.shape[dim] // self.num_experts  # soft MoE: slots per expert
+            rows = (index.unsqueeze(1) * per_expert + torch.arange(per_expert)).reshape(-1)
+            setattr(self, name, nn.Parameter(param.detach().index_select(dim, rows.to(param.device))))
+        self.num_experts = len(index)
+
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_experts={self.num_experts}, k={self.k}"
 

@@ -34,6 +34,8 @@ class ExpertChoiceRouter(Router):
         k: ignored beyond validation; expert choice decides per expert (kept for a uniform API).
     """
 
+    expert_params = {"weight": 0}
+
     def __init__(self, *, dim: int, num_experts: int, capacity_factor: float = 2.0, k: int = 1) -> None:
         super().__init__(dim=dim, num_experts=num_experts, k=k)
         if isinstance(capacity_factor, bool) or not capacity_factor > 0:

@@ -30,6 +30,8 @@ class PerModalityRouter(Router):
         jitter_eps: multiplicative input noise in training.
     """
 
+    expert_params = {"weight": 1}
+
     def __init__(
         self,
         *,

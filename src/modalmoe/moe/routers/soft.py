@@ -52,6 +52,8 @@ class SoftRouter(Router):
         k: experts summarised per token in the routing record (the compute uses all slots).
     """
 
+    expert_params = {"slot_keys": 0}
+
     def __init__(self, *, dim: int, num_experts: int, slots_per_expert: int = 1, k: int = 1) -> None:
         super().__init__(dim=dim, num_experts=num_experts, k=k)
         if slots_per_expert < 1:

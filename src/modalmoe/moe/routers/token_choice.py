@@ -30,6 +30,8 @@ class TokenChoiceRouter(Router):
         jitter_eps: multiplicative input noise U(1-eps, 1+eps) during training (Switch).
     """
 
+    expert_params = {"weight": 0}
+
     def __init__(
         self,
         *,
