@@ -266,6 +266,8 @@ def compress(
 ) -> int:
     from modalmoe.efficiency.compress import compress_run, parse_layers
 
+    if method in ("prune-experts", "merge-experts") and not experts:
+        raise click.UsageError(f"--method {method} needs --experts N (experts left per MoE layer)")
     out = out or f"{run_dir.rstrip('/')}-{method}"
     options: dict = {}
     if method in ("prune-experts", "merge-experts"):

@@ -56,7 +56,7 @@ class CompressConfig(_Strict):
     experts: int | None = Field(None, ge=1)
     by: Literal["weights", "outputs"] = "weights"
     reduction: Literal["merge", "attention", "router"] = "merge"
-    keep: float = Field(0.5, gt=0.0, le=1.0)
+    keep: float | dict[str, float] = 0.5
     layers: list[int] = Field(default_factory=lambda: [0])
     student: str = "dense-early"
     student_overrides: list[str] = Field(default_factory=list)
@@ -64,6 +64,9 @@ class CompressConfig(_Strict):
 
     @model_validator(mode="after")
     def _complete(self) -> CompressConfig:
+        keeps = self.keep.values() if isinstance(self.keep, dict) else [self.keep]
+        if not all(0.0 < k <= 1.0 for k in keeps):
+            raise ValueError(f"keep fractions must be in (0, 1], got {self.keep}")
         if self.method in ("prune-experts", "merge-experts") and self.experts is None:
             raise ValueError(f"compress method {self.method!r} needs experts: N (experts left per layer)")
         return self
@@ -77,7 +80,10 @@ class CompressConfig(_Strict):
         if self.method == "merge-experts":
             return f"merge{self.experts}-{self.by}"
         if self.method == "tokens":
-            return f"{self.reduction}-tokens{self.keep:g}@{','.join(map(str, self.layers))}"
+            keep = (
+                ",".join(f"{m}={k:g}" for m, k in self.keep.items()) if isinstance(self.keep, dict) else f"{self.keep:g}"
+            )
+            return f"{self.reduction}-tokens[{keep}]@{','.join(map(str, self.layers))}"
         return f"distill-{self.student}" + ("*" if self.student_overrides else "")
 
 

@@ -43,7 +43,8 @@ def compress_model(model: nn.Module, method: str, *, data=None, **options) -> nn
     if method == "int8":
         from modalmoe.efficiency.quantize import MIN_WEIGHT, quantize_int8
 
-        return quantize_int8(model, min_weight=options.get("min_weight") or MIN_WEIGHT)
+        min_weight = options.get("min_weight")
+        return quantize_int8(model, min_weight=MIN_WEIGHT if min_weight is None else min_weight)
     if method in ("prune-experts", "merge-experts"):
         from modalmoe.efficiency.experts import expert_usage, merge_experts, prune_experts
 
