@@ -80,9 +80,10 @@ class CompressConfig(_Strict):
         if self.method == "merge-experts":
             return f"merge{self.experts}-{self.by}"
         if self.method == "tokens":
-            keep = (
-                ",".join(f"{m}={k:g}" for m, k in self.keep.items()) if isinstance(self.keep, dict) else f"{self.keep:g}"
-            )
+            if isinstance(self.keep, dict):
+                keep = ",".join(f"{m}={k:g}" for m, k in self.keep.items())
+            else:
+                keep = f"{self.keep:g}"
             return f"{self.reduction}-tokens[{keep}]@{','.join(map(str, self.layers))}"
         return f"distill-{self.student}" + ("*" if self.student_overrides else "")
 
