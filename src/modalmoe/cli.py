@@ -107,16 +107,50 @@ def _experiment(source: str, overrides: tuple[str, ...]):
     return get_preset(source, overrides=overrides)
 
 
-@cli.command(help="Train a preset (<task>/<design>), a YAML config, or continue a run directory.")
-@click.argument("config")
+@cli.command(
+    help="Train a preset (<task>/<design>), a YAML config, or continue a run directory. With --continue-from "
+    "RUN_DIR --add-modality NAME: grow a trained run by a modality of its task and new experts reserved for it "
+    "(lifelong learning, see modalmoe.lifelong); resume that grown run later with `train OUT --resume`."
+)
+@click.argument("config", required=False)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a config value (repeatable)")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="run directory (default runs/<name>)")
 @click.option("--resume", is_flag=True, help="continue the run in --out (or CONFIG's run directory) exactly")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def train(config: str, overrides: tuple[str, ...], out: str | None, resume: bool, quiet: bool) -> int:
+@click.option("--continue-from", "continue_from", type=click.Path(file_okay=False), default=None, metavar="RUN_DIR",
+              help="a trained run to grow with --add-modality (default --out: RUN_DIR+NAME)")  # fmt: skip
+@click.option("--add-modality", "add_modality", default=None, metavar="NAME", help="the run's task's modality to add")
+@click.option("--experts", type=click.IntRange(min=0), default=None,
+              help="experts added per MoE layer, reserved for the new modality [default: the run's k]")  # fmt: skip
+@click.option("--freeze", type=click.Choice(["experts", "old", "none"]), default=None,
+              help="what of the run stays fixed: its experts and router rows, everything, or nothing "
+              "[default: experts]")  # fmt: skip
+@click.option("--ewc", type=click.FloatRange(min=0.0), default=None,
+              help="Elastic Weight Consolidation strength on the run's weights [default: 0, off]")  # fmt: skip
+def train(
+    config: str | None,
+    overrides: tuple[str, ...],
+    out: str | None,
+    resume: bool,
+    quiet: bool,
+    continue_from: str | None,
+    add_modality: str | None,
+    experts: int | None,
+    freeze: str | None,
+    ewc: float | None,
+) -> int:
     from modalmoe.train import Trainer
 
-    experiment = _experiment(config, overrides)
+    if continue_from is not None or add_modality is not None:
+        experiment, out = _grown_experiment(config, continue_from, add_modality, experts, freeze, ewc, overrides, out)
+        if resume:
+            raise click.UsageError(f"--resume continues an existing run: use `modalmoe train {out} --resume`")
+    elif experts is not None or freeze is not None or ewc is not None:
+        raise click.UsageError("--experts, --freeze and --ewc grow a run: add --continue-from and --add-modality")
+    elif config is None:
+        raise click.UsageError("missing CONFIG (a preset, a YAML file or a run directory), or --continue-from RUN_DIR")
+    else:
+        experiment = _experiment(config, overrides)
     if out is None:
         source = Path(config)
         out = str(source) if source.is_dir() else str(Path("runs") / (experiment.name or source.stem).replace("/", "-"))
@@ -125,6 +159,24 @@ def train(config: str, overrides: tuple[str, ...], out: str | None, resume: bool
         shown = ", ".join(f"{k} {v:.4f}" for k, v in result.test.items())
         console.print(f"trained {result.steps} steps ({result.epochs} epochs) -> {result.run_dir}; test: {shown}")
     return 0
+
+
+def _grown_experiment(config, run_dir, name, experts, freeze, ewc, overrides, out):
+    """The experiment of ``train --continue-from RUN_DIR --add-modality NAME`` and its --out."""
+    from modalmoe.lifelong.grow import continue_run
+    from modalmoe.train import read_run_config
+
+    if config is not None:
+        raise click.UsageError(f"give either CONFIG ({config!r}) or --continue-from RUN_DIR, not both")
+    if run_dir is None:
+        raise click.UsageError("--add-modality grows a trained run: give it with --continue-from RUN_DIR")
+    if name is None:
+        raise click.UsageError("--continue-from needs --add-modality NAME (adding a task is not implemented yet)")
+    if experts is None:
+        experts = read_run_config(run_dir).model.moe.k if Path(run_dir, "config.yaml").is_file() else 0
+    options = {"experts": experts, "freeze": freeze or "experts", "ewc": ewc or 0.0}
+    experiment = continue_run(run_dir, add_modalities=[name], overrides=overrides, **options)
+    return experiment, out or f"{str(run_dir).rstrip('/')}+{name}"
 
 
 @cli.command("eval", help="Evaluate a run's best checkpoint: metrics, every modality subset, noise.")

@@ -391,6 +391,31 @@ class LoRAConfig(_Strict):
     train_heads: bool = True
 
 
+class GrowConfig(_Strict):
+    """Continue a run with more modalities and experts (``modalmoe.lifelong``): set by
+    ``modalmoe train --continue-from RUN --add-modality NAME`` (``lifelong.grow_config``),
+    together with ``train.init_from`` (the run) and the grown ``model``.
+
+    Attributes:
+        modalities: the modalities added to the run's (appended to ``modalities``).
+        experts: experts added per MoE layer for each added modality, reserved for it
+            (``model.moe.router_options.reserved``); 0 adds none.
+        freeze: what of the run stays fixed: ``experts`` (the run's experts, shared experts
+            and router rows), ``old`` (every tensor that came from the run; grown tensors keep
+            their old slices), ``none`` (naive fine-tuning).
+        ewc: Elastic Weight Consolidation strength lambda (Kirkpatrick et al. 2017): adds
+            ``lambda / 2 * sum F (theta - theta*)^2`` over the run's tensors, with the diagonal
+            Fisher F from the run's own task and modalities; 0 turns it off.
+        fisher_samples: training samples of the run's task the Fisher is averaged over.
+    """
+
+    modalities: list[str] = Field(min_length=1)
+    experts: int = Field(0, ge=0)
+    freeze: Literal["experts", "old", "none"] = "experts"
+    ewc: float = Field(0.0, ge=0.0)
+    fisher_samples: int = Field(512, ge=1)
+
+
 class TrainConfig(_Strict):
     """How to train.
 
@@ -416,6 +441,8 @@ class TrainConfig(_Strict):
             training (tensors whose names and shapes match; the rest, e.g. a head for another
             number of classes, keep their fresh init and are reported); None: a fresh model.
         lora: low-rank adapters on a frozen base (``rank: 0``: off).
+        grow: this run continues ``init_from`` with added modalities and experts
+            (``GrowConfig``); None: a plain run. Omitted from dumps while None.
     """
 
     epochs: int = Field(30, ge=1)
@@ -436,6 +463,22 @@ class TrainConfig(_Strict):
     collapse: CollapseConfig = Field(default_factory=CollapseConfig)
     init_from: str | None = None
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    grow: GrowConfig | None = None
+
+    @model_validator(mode="after")
+    def _grow_needs_a_run(self) -> TrainConfig:
+        if self.grow is not None and self.init_from is None:
+            raise ValueError("train.grow continues a run: set train.init_from to its directory (or --continue-from)")
+        if self.grow is not None and self.lora.rank:
+            raise ValueError("train.grow does not combine with train.lora; set train.lora.rank=0")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_no_growth(self, handler):
+        data = handler(self)
+        if isinstance(data, dict) and self.grow is None:
+            data.pop("grow", None)  # configs and checkpoints of plain runs stay as they were
+        return data
 
 
 class DistributedConfig(_Strict):

@@ -115,6 +115,33 @@ class MultimodalModel(nn.Module):
     def modalities(self) -> list[str]:
         return list(self.encoders)
 
+    def add_modality(
+        self,
+        name: str,
+        spec,
+        *,
+        encoder_config=None,
+        experts: int = 0,
+        data: MultimodalDataset | None = None,
+    ) -> MultimodalModel:
+        """A new model with modality ``name`` added and ``experts`` more experts per MoE layer
+        reserved for it (``modalmoe.lifelong.grow_model``); this model is left unchanged.
+
+        The new model carries this one's trained state (the old experts in the leading slice
+        of each bank, new router rows at the mean of the old ones) and, before training,
+        predicts exactly as this one on inputs without ``name``. Freezing the old parts while
+        training it: ``modalmoe.lifelong.grow.freeze_old``, or ``train.grow`` in a run.
+
+        Args:
+            name: the new modality; spec: its ``ModalitySpec``.
+            encoder_config: its ``EncoderConfig`` (None: the default for its kind).
+            experts: experts added per MoE layer (token-choice routers only).
+            data: the training split, to fit the new encoder's input statistics.
+        """
+        from modalmoe.lifelong.grow import grow_model  # lifelong builds models: import it late
+
+        return grow_model(self, {name: spec}, encoders={name: encoder_config}, experts=experts, data=data).model
+
     @torch.no_grad()
     def fit(self, dataset: MultimodalDataset) -> MultimodalModel:
         """Fit the encoders' data-dependent state (input statistics, tokenizers) on the

@@ -9,6 +9,11 @@ number of classes) starts from everything else of the run and keeps a fresh head
 fitted encoder state (input statistics, tokenizers: buffers and extra state) wins over what
 ``model.fit`` computed on the new data, since the run's weights were trained on that state.
 The checkpoint is read with ``modalmoe.train.checkpoint`` (safetensors, no unpickling).
+
+With ``grow=True`` (a run continued with more experts, ``modalmoe.lifelong``), a per-expert
+tensor whose shape differs from the run's only in its expert dimension, which grew, takes the
+run's experts in its leading slice; new router rows start at the mean of the run's rows and
+new experts keep their fresh init (``modalmoe.lifelong.state.grow_tensor``).
 """
 
 from __future__ import annotations
@@ -31,12 +36,15 @@ class InitReport:
         loaded: model entries (tensors and extra state) taken from the checkpoint.
         skipped: ``"name: why"`` for each model entry that kept its own value.
         unused: checkpoint entries the model has no place for.
+        grown: name -> ``[dim, old size, new size]`` of each tensor that took the run's
+            values in its leading slice along its expert dimension ``dim`` (``grow=True``).
     """
 
     source: Path
     loaded: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     unused: list[str] = field(default_factory=list)
+    grown: dict[str, list[int]] = field(default_factory=dict)
 
     def summary(self) -> str:
         """One line for the console."""
@@ -46,10 +54,13 @@ class InitReport:
             line += f"; {len(self.skipped)} kept their fresh values ({shown})"
         if self.unused:
             line += f"; {len(self.unused)} checkpoint entries unused"
+        if self.grown:
+            line += f"; {len(self.grown)} grown along their expert dimension"
         return line
 
     def to_json(self) -> dict[str, Any]:
-        return {"source": str(self.source), "loaded": len(self.loaded), "skipped": self.skipped, "unused": self.unused}
+        out = {"source": str(self.source), "loaded": len(self.loaded), "skipped": self.skipped, "unused": self.unused}
+        return out | ({"grown": self.grown} if self.grown else {})
 
 
 def run_checkpoint(run_dir: str | Path, which: str = "best") -> Path:
@@ -68,22 +79,33 @@ def run_checkpoint(run_dir: str | Path, which: str = "best") -> Path:
     return path
 
 
-def init_from_run(model: nn.Module, run_dir: str | Path, *, which: str = "best") -> InitReport:
+def init_from_run(model: nn.Module, run_dir: str | Path, *, which: str = "best", grow: bool = False) -> InitReport:
     """Load the entries of a run's checkpoint whose names and shapes match ``model``'s.
 
     Args:
         model: a built (and fitted) model, before any adapters are added.
         run_dir: a run directory (``Trainer``'s ``out``).
         which: ``best`` or ``last`` checkpoint.
+        grow: also load per-expert tensors whose expert dimension grew (see the module doc).
 
     Returns:
         what was loaded and skipped. Raises ``CheckpointError`` when ``run_dir`` is not a
         run or when no tensor matches (another architecture: nothing would transfer).
     """
     path = run_checkpoint(run_dir, which)
-    saved = load_checkpoint(path).model_state()
+    return load_matching(model, load_checkpoint(path).model_state(), path, grow=grow)
+
+
+def load_matching(model: nn.Module, saved: dict[str, Any], path: Path, *, grow: bool = False) -> InitReport:
+    """``init_from_run`` on a state dict ``saved`` (read from ``path``, named in reports and errors)."""
     own = model.state_dict()
     report = InitReport(source=path)
+    expert_dims = {}
+    if grow:
+        from modalmoe.lifelong.state import expert_dims as find_expert_dims
+        from modalmoe.lifelong.state import grow_tensor
+
+        expert_dims = find_expert_dims(model)
     state: dict[str, Any] = {}
     for name, value in own.items():
         if name not in saved:
@@ -94,6 +116,11 @@ def init_from_run(model: nn.Module, run_dir: str | Path, *, which: str = "best")
         if isinstance(value, Tensor) != isinstance(theirs, Tensor):
             report.skipped.append(f"{name}: a tensor in one and extra state in the other")
             state[name] = value
+        elif name in expert_dims and (grown := grow_tensor(value, theirs, *expert_dims[name])) is not None:
+            state[name] = grown
+            report.loaded.append(name)
+            dim = expert_dims[name][0]
+            report.grown[name] = [dim, theirs.shape[dim], value.shape[dim]]
         elif isinstance(value, Tensor) and value.shape != theirs.shape:
             report.skipped.append(f"{name}: shape {tuple(theirs.shape)} in the checkpoint, {tuple(value.shape)} here")
             state[name] = value

@@ -128,13 +128,19 @@ class Trainer:
         if cfg.init_from is not None:  # after fit: the run's encoder statistics and tokenizers win
             from modalmoe.train.init import init_from_run
 
-            self.init_report = init_from_run(model, cfg.init_from)
+            self.init_report = init_from_run(model, cfg.init_from, grow=cfg.grow is not None)
             self.console.print(self.init_report.summary())
         if cfg.lora.rank:
             from modalmoe.efficiency.lora import apply_lora
 
             self.console.print(apply_lora(model, cfg.lora).summary())
         objectives = build_objectives(cfg.objectives, head_kind=model.head.kind, dim=model.fusion.dim)
+        self.growth = None
+        if cfg.grow is not None:  # a grown run (modalmoe.lifelong): freeze / regularise what came from the run
+            from modalmoe.lifelong.grow import prepare_growth
+
+            self.growth = prepare_growth(model, objectives, cfg, self.init_report)
+            self.console.print(self.growth.summary())
         for objective in objectives.objectives.values():
             check = getattr(objective, "check_task", None)  # objectives that read another run (distill)
             if check is not None:
@@ -148,10 +154,13 @@ class Trainer:
             if p.requires_grad:
                 (decay if p.dim() >= 2 else no_decay).append(p)
         cfg = self.config.train
-        return torch.optim.AdamW(
+        optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr,
         )
+        if getattr(self, "growth", None) is not None:
+            self.growth.attach(optimizer)  # puts fixed old-expert slices back after each step
+        return optimizer
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -355,6 +364,8 @@ class Trainer:
 
         model = load_run_model(self.out, which="best")
         trainable, total = count_parameters(model)
+        if getattr(self, "growth", None) is not None:  # a grown run's fixed old parts (modalmoe.lifelong)
+            trainable -= self.growth.fixed
         test_pred = predict(model, self.task.test, batch_size=256)
         test = task_metrics(test_pred.logits, test_pred.target, self._head_kind())
         best = progress["best_metrics"]  # the validation metrics of the best checkpoint, kept when it was saved

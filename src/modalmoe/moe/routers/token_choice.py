@@ -7,12 +7,13 @@ Each token picks its k best experts. Routing is per token, so samples never inte
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from modalmoe.moe.routers import routers
-from modalmoe.moe.routers.base import Router, check_gating, jitter, laplace_logits, top_k_gating
+from modalmoe.moe.routers.base import Router, check_gating, check_modality_ids, jitter, laplace_logits, top_k_gating
 from modalmoe.moe.types import Routing
 
 
@@ -28,6 +29,12 @@ class TokenChoiceRouter(Router):
             (FuseMoE: softmax over negative distances to learned expert keys).
         normalize: renormalise the chosen k weights to sum to 1.
         jitter_eps: multiplicative input noise U(1-eps, 1+eps) during training (Switch).
+        modalities: modality names, modality id i is ``modalities[i]`` (the model passes the
+            task's); only read with ``reserved``.
+        reserved: modality name -> expert ids only that modality may use (experts added for a
+            new modality, ``modalmoe.lifelong``): they are masked to -inf for every other
+            modality, so its routing is what it was before they existed. Unreserved experts
+            are open to all. None: no mask, plain top-k.
     """
 
     expert_params = {"weight": 0}
@@ -41,17 +48,66 @@ class TokenChoiceRouter(Router):
         gating: str = "softmax",
         normalize: bool = True,
         jitter_eps: float = 0.0,
+        modalities: Sequence[str] = (),
+        reserved: Mapping[str, Sequence[int]] | None = None,
     ) -> None:
         super().__init__(dim=dim, num_experts=num_experts, k=k)
         check_gating(gating)
         self.gating, self.normalize, self.jitter_eps = gating, normalize, jitter_eps
+        self.modalities = tuple(modalities)
+        mask = None if reserved is None else reserved_mask(self.modalities, reserved, num_experts, k)
+        self.register_buffer("allowed", mask, persistent=False)  # [M, E] or None
         # Laplace gating keeps one key per expert; the others a linear projection [E, D].
         self.weight = nn.Parameter(torch.empty(num_experts, dim))
         nn.init.normal_(self.weight, std=1.0 if gating == "laplace" else 1 / math.sqrt(dim))
 
     def forward(self, x: Tensor, modality: Tensor, sample: Tensor) -> Routing:
-        """x: [T, D]; modality, sample: [T] (unused: routing is the same for every modality)."""
+        """x: [T, D]; modality: [T] ids into ``modalities`` (read only with ``reserved``); sample: [T] unused."""
         x = jitter(x, self.jitter_eps, self.training)
         logits = laplace_logits(x, self.weight) if self.gating == "laplace" else x @ self.weight.t()
+        if self.allowed is not None:  # as ModalityExpertsRouter: other modalities' reserved experts are -inf
+            check_modality_ids(modality, len(self.modalities))
+            logits = logits.masked_fill(~self.allowed[modality], float("-inf"))
         index, weight, probs = top_k_gating(logits, self.k, gating=self.gating, normalize=self.normalize)
         return Routing(expert_index=index, weight=weight, probs=probs, logits=logits)
+
+    def keep_experts(self, index: Tensor) -> None:
+        super().keep_experts(index)
+        if self.allowed is not None:
+            self.allowed = self.allowed[:, index.to(self.allowed.device)]
+
+
+def reserved_mask(modalities: Sequence[str], reserved: Mapping[str, Sequence[int]], num_experts: int, k: int) -> Tensor:
+    """[M, E] bool: which experts each modality may use when ``reserved`` experts belong to one
+    modality each (every unreserved expert is open to every modality)."""
+    if not modalities:
+        raise ValueError("token_choice: `reserved` needs the modality names in `modalities`")
+    if not isinstance(reserved, Mapping):
+        raise ValueError(
+            f"token_choice: `reserved` maps modality names to expert ids (e.g. image: [8, 9]), got {reserved!r}"
+        )
+    unknown = sorted(set(reserved) - set(modalities))
+    if unknown:
+        raise ValueError(
+            f"token_choice: `reserved` names modalities {unknown}, which are not among the model's {list(modalities)}"
+        )
+    mask = torch.ones(len(modalities), num_experts, dtype=torch.bool)
+    owner: dict[int, str] = {}
+    for name, experts in reserved.items():
+        ids = list(experts)
+        bad = [e for e in ids if not isinstance(e, int) or isinstance(e, bool) or not 0 <= e < num_experts]
+        if bad:
+            raise ValueError(f"token_choice: `reserved[{name!r}]` has expert ids {bad}, outside [0, {num_experts})")
+        for e in ids:
+            if owner.setdefault(e, name) != name:
+                raise ValueError(f"token_choice: expert {e} is reserved for both {owner[e]!r} and {name!r}")
+        for i, other in enumerate(modalities):
+            if other != name:
+                mask[i, ids] = False
+    smallest = int(mask.sum(-1).min())
+    if smallest < k:
+        raise ValueError(
+            f"token_choice: with `reserved`, a modality can use only {smallest} experts, fewer than k={k}; "
+            "reserve fewer experts or add more"
+        )
+    return mask
