@@ -106,6 +106,29 @@ def test_later_blocks_run_on_fewer_tokens_and_flops_drop(task, preset, method):
     assert measure_cost(model, batch).flops < 0.85 * measure_cost(base, batch).flops
 
 
+@pytest.mark.parametrize("method", ["merge", "attention"])
+def test_reducing_before_the_ffn_shrinks_that_blocks_ffn_too(task, method):
+    """ToMe's placement: block 0's MoE layer already routes the reduced tokens, and block 1
+    receives them; keep 1.0 changes nothing."""
+    batch = task.test.batch(range(8))
+    reduction = {"method": method, "keep": 0.5, "layers": [0], "placement": "before_ffn"}
+    model = build(task, config("tiny/token-choice", reduction))
+    seen, hooks = block_inputs(model)
+    out = model(batch)
+    for hook in hooks:
+        hook.remove()
+    expected = sum(kept(n, 0.5) for n in TOKENS.values())
+    assert (seen["fusion.trunk.blocks.0"][0] == sum(TOKENS.values())).all()  # the attention runs on all
+    assert out.records[0].modality.numel() == 8 * expected  # ... but the FFN on the reduced tokens
+    assert (seen["fusion.trunk.blocks.1"][0] == expected).all()
+    after = build(task, config("tiny/token-choice", {**reduction, "placement": "after_block"}))
+    assert measure_cost(model, batch).flops < measure_cost(after, batch).flops
+    same = build(task, config("tiny/token-choice", {**reduction, "keep": 1.0}))
+    assert torch.equal(same(batch).logits, build(task, config("tiny/token-choice"))(batch).logits)
+    with pytest.raises(ConfigError, match="no router score yet"):
+        config("tiny/token-choice", {**reduction, "method": "router"})
+
+
 def test_per_modality_keep_and_layer_before_the_first_block(task):
     model = build(task, config("tiny/token-choice", {"method": "merge", "keep": {"m1": 0.25}, "layers": [-1]}))
     out = model(task.test.batch(range(5)))

@@ -304,6 +304,13 @@ def profile(source: str, overrides: tuple[str, ...], repeats: int, json_path: st
 @click.option(
     "--layers", default="0", show_default=True, help="tokens: blocks after which to reduce (-1: before the first)"
 )
+@click.option(
+    "--placement",
+    type=click.Choice(["after_block", "before_ffn"]),
+    default="after_block",
+    show_default=True,
+    help="tokens: between blocks, or inside a block before its FFN (ToMe)",
+)
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best")
 def compress(
     run_dir: str,
@@ -314,6 +321,7 @@ def compress(
     reduction: str,
     keep: float,
     layers: str,
+    placement: str,
     checkpoint: str,
 ) -> int:
     from modalmoe.efficiency.compress import compress_run, parse_layers
@@ -325,7 +333,7 @@ def compress(
     if method in ("prune-experts", "merge-experts"):
         options = {"experts": experts, **({"by": by} if method == "merge-experts" else {})}
     elif method == "tokens":
-        options = {"reduction": reduction, "keep": keep, "layers": parse_layers(layers)}
+        options = {"reduction": reduction, "keep": keep, "layers": parse_layers(layers), "placement": placement}
     with console.status(f"compressing {run_dir} ({method})"):
         summary = compress_run(run_dir, out, method, which=checkpoint, **options)
     before, after = summary["test_before"], summary["test"]

@@ -174,6 +174,9 @@ class TokenReductionConfig(_Strict):
             logits, so a merged token weighs as much as the tokens it stands for (ToMe).
         metric: ``merge``: similarity on the block's attention ``keys`` (mean over heads;
             ToMe) or on its output ``tokens`` (before the first block it is always the tokens).
+        placement: ``after_block`` (between blocks) or ``before_ffn`` (ToMe's own placement:
+            inside block ``layer``, after its attention and before its FFN, so that FFN runs
+            on fewer tokens too; ``merge`` and ``attention`` only).
     """
 
     method: Literal["none", "merge", "attention", "router"] = "none"
@@ -181,6 +184,7 @@ class TokenReductionConfig(_Strict):
     keep: float | dict[str, float] = 0.5
     proportional_attention: bool = True
     metric: Literal["keys", "tokens"] = "keys"
+    placement: Literal["after_block", "before_ffn"] = "after_block"
 
     @field_validator("keep")
     @classmethod
@@ -204,6 +208,11 @@ class TokenReductionConfig(_Strict):
 
     @model_validator(mode="after")
     def _before_first_block(self) -> TokenReductionConfig:
+        if self.placement == "before_ffn" and self.method == "router":
+            raise ValueError(
+                "placement 'before_ffn' reduces before the block's MoE layer has routed, so there is no router "
+                "score yet: use placement 'after_block' with method 'router', or 'merge'/'attention'"
+            )
         if -1 in self.layers and self.method in ("attention", "router"):
             raise ValueError(
                 f"layer -1 (before the first block) works only with method 'merge': {self.method!r} scores "

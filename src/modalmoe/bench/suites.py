@@ -47,7 +47,7 @@ class CompressConfig(_Strict):
             + 0.5 KD at ``temperature``).
         experts: experts left per layer (prune, merge).
         by: merge similarity, ``weights`` or ``outputs``.
-        reduction, keep, layers: token reduction (``TokenReductionConfig``).
+        reduction, keep, layers, placement: token reduction (``TokenReductionConfig``).
         student: the student's design (distill), built at its preset's size plus
             ``student_overrides`` (not compute-matched: it is meant to be cheaper).
     """
@@ -58,6 +58,7 @@ class CompressConfig(_Strict):
     reduction: Literal["merge", "attention", "router"] = "merge"
     keep: float | dict[str, float] = 0.5
     layers: list[int] = Field(default_factory=lambda: [0])
+    placement: Literal["after_block", "before_ffn"] = "after_block"
     student: str = "dense-early"
     student_overrides: list[str] = Field(default_factory=list)
     temperature: float = Field(2.0, gt=0.0)
@@ -84,7 +85,8 @@ class CompressConfig(_Strict):
                 keep = ",".join(f"{m}={k:g}" for m, k in self.keep.items())
             else:
                 keep = f"{self.keep:g}"
-            return f"{self.reduction}-tokens[{keep}]@{','.join(map(str, self.layers))}"
+            where = ",".join(map(str, self.layers)) + ("<ffn" if self.placement == "before_ffn" else "")
+            return f"{self.reduction}-tokens[{keep}]@{where}"
         return f"distill-{self.student}" + ("*" if self.student_overrides else "")
 
 

@@ -107,6 +107,7 @@ def run_variants(
                 reduction=spec.reduction,
                 keep=spec.keep,
                 layers=tuple(spec.layers),
+                placement=spec.placement,
             )
             variant_config = config.model_copy(update={"model": model.config})
         report, eval_seconds = evaluate_model(model)

@@ -37,7 +37,7 @@ def compress_model(model: nn.Module, method: str, *, data=None, **options) -> nn
         method: one of ``METHODS``.
         data: held-out data for expert usage and output similarity (the validation split).
         options: ``experts`` (prune/merge: experts left per layer), ``by`` (merge:
-            ``weights`` or ``outputs``), ``reduction``/``keep``/``layers`` (tokens: see
+            ``weights`` or ``outputs``), ``reduction``/``keep``/``layers``/``placement`` (tokens: see
             ``TokenReductionConfig``), ``min_weight`` (int8).
     """
     if method == "int8":
@@ -65,6 +65,7 @@ def compress_model(model: nn.Module, method: str, *, data=None, **options) -> nn
             method=options.get("reduction") or "merge",
             keep=options.get("keep") if options.get("keep") is not None else 0.5,
             layers=tuple(options.get("layers") or (0,)),
+            placement=options.get("placement") or "after_block",
         )
     raise ValueError(f"unknown compression method {method!r}; choose one of {', '.join(METHODS)}")
 

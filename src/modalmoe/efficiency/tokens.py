@@ -222,6 +222,8 @@ class TokenReduction:
         proportional_attention: ``merge``: add ``log(size)`` to the attention logits of later blocks.
         metric: ``merge``: ``keys`` (the block's attention keys, mean over heads; ToMe) or
             ``tokens`` (the block's output tokens).
+        placement: ``after_block`` or ``before_ffn`` (inside the block, between its attention
+            and its FFN, as ToMe does; not for ``router``).
     """
 
     def __init__(
@@ -232,6 +234,7 @@ class TokenReduction:
         keep: Sequence[float],
         proportional_attention: bool = True,
         metric: str = "keys",
+        placement: str = "after_block",
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"unknown token reduction method {method!r}; choose from {METHODS}")
@@ -247,6 +250,15 @@ class TokenReduction:
         self.method, self.layers, self.metric = method, tuple(sorted(set(layers))), metric
         self.keep = tuple(float(k) for k in keep)
         self.proportional_attention = proportional_attention
+        if placement not in ("after_block", "before_ffn"):
+            raise ValueError(f"unknown placement {placement!r}; choose 'after_block' or 'before_ffn'")
+        if placement == "before_ffn" and method == "router":
+            raise ValueError("placement 'before_ffn' has no router score yet: use 'after_block' with 'router'")
+        self.placement = placement
+
+    def inside(self, layer: int) -> bool:
+        """Whether block ``layer`` reduces between its attention and its FFN."""
+        return self.active and self.placement == "before_ffn" and layer in self.layers and layer >= 0
 
     @property
     def active(self) -> bool:
@@ -298,7 +310,8 @@ class TokenReduction:
     def __repr__(self) -> str:
         return (
             f"TokenReduction(method={self.method!r}, layers={list(self.layers)}, keep={list(self.keep)}, "
-            f"proportional_attention={self.proportional_attention}, metric={self.metric!r})"
+            f"proportional_attention={self.proportional_attention}, metric={self.metric!r}, "
+            f"placement={self.placement!r})"
         )
 
 
@@ -331,6 +344,7 @@ def build_token_reduction(config, modalities: Sequence[str]) -> TokenReduction |
         keep=fractions,
         proportional_attention=config.proportional_attention,
         metric=config.metric,
+        placement=config.placement,
     )
 
 
@@ -385,6 +399,7 @@ def apply_token_reduction(
     layers: Sequence[int] = (0,),
     proportional_attention: bool = True,
     metric: str = "keys",
+    placement: str = "after_block",
 ) -> nn.Module:
     """Switch token reduction on (or off, ``method="none"``) in a built or trained model.
 
@@ -393,7 +408,8 @@ def apply_token_reduction(
 
     Args:
         model: a ``MultimodalModel`` with an ``early`` or ``late`` fusion.
-        method, keep, layers, proportional_attention, metric: see ``TokenReductionConfig``.
+        method, keep, layers, proportional_attention, metric, placement: see
+            ``TokenReductionConfig``.
 
     Returns:
         the same model.
@@ -406,6 +422,7 @@ def apply_token_reduction(
         "layers": list(layers),
         "proportional_attention": proportional_attention,
         "metric": metric,
+        "placement": placement,
     }
     config = getattr(model, "config", None)
     if config is not None:

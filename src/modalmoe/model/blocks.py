@@ -128,15 +128,22 @@ class Block(nn.Module):
         size: Tensor | None = None,
         stats: bool = False,
         scores: bool = False,
+        reduce=None,
     ):
         """x: [B, N, D], mask: [B, N] real tokens, modality/sample: [B, N] ids ->
         (x, aux_losses or None, record or None), plus ``BlockStats`` when ``stats`` (token
-        reduction; ``size`` and ``scores`` as in ``attention_with_stats``)."""
+        reduction; ``size`` and ``scores`` as in ``attention_with_stats``).
+
+        ``reduce``: token reduction between the attention and the FFN (ToMe's placement), a
+        function ``(x, stats) -> (x, mask, modality, sample)`` on the post-attention tokens;
+        the FFN and the returned tokens are then the reduced ones."""
         if stats:
             attended, block_stats = self.attention_with_stats(self.norm1(x), mask, size=size, scores=scores)
         else:
             attended = self.attention(self.norm1(x), mask)
         x = x + F.dropout(attended, self.dropout, self.training)
+        if reduce is not None:
+            x, mask, modality, sample = reduce(x, block_stats)
         h = self.norm2(x)
         if isinstance(self.ffn, MoELayer):
             out = self.ffn(h, modality=modality, sample=sample, mask=mask)
@@ -227,11 +234,22 @@ class Trunk(nn.Module):
         for i, block in enumerate(self.blocks):
             size = reduction.bias(state)
             scores = reduction.needs_attention(i)
+            inside = None
+            if reduction.inside(i):  # between this block's attention and its FFN
+
+                def inside(x, stats, i=i):
+                    nonlocal state
+                    state = reduction.reduce(replace(state, x=x), i, stats=stats)
+                    return state.x, state.mask, state.modality, state.sample
+
             x, block_aux, record, stats = block(
-                state.x, state.mask, state.modality, state.sample, size=size, stats=True, scores=scores
+                state.x, state.mask, state.modality, state.sample, size=size, stats=True, scores=scores, reduce=inside
             )
             collect(out, block_aux, record)
-            state = reduction.reduce(replace(state, x=x), i, stats=stats, record=record)
+            if inside is None:
+                state = reduction.reduce(replace(state, x=x), i, stats=stats, record=record)
+            else:
+                state = replace(state, x=x)
         out.x, out.mask = reduction.restore(state, self.norm(state.x) * state.mask.unsqueeze(-1))
         return out
 
