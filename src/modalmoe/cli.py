@@ -299,7 +299,10 @@ def profile(source: str, overrides: tuple[str, ...], repeats: int, json_path: st
 @click.option("--reduction", type=click.Choice(["merge", "attention", "router"]), default="merge", show_default=True,
               help="tokens: ToMe merging, or pruning by attention or router score")  # fmt: skip
 @click.option(
-    "--keep", type=float, default=0.5, show_default=True, help="tokens: fraction of each modality's tokens kept"
+    "--keep",
+    default="0.5",
+    show_default=True,
+    help="tokens: fraction of each modality's tokens kept, or per modality (image=0.75,audio=0.5)",
 )
 @click.option(
     "--layers", default="0", show_default=True, help="tokens: blocks after which to reduce (-1: before the first)"
@@ -319,12 +322,12 @@ def compress(
     experts: int | None,
     by: str,
     reduction: str,
-    keep: float,
+    keep: str,
     layers: str,
     placement: str,
     checkpoint: str,
 ) -> int:
-    from modalmoe.efficiency.compress import compress_run, parse_layers
+    from modalmoe.efficiency.compress import compress_run, parse_keep, parse_layers
 
     if method in ("prune-experts", "merge-experts") and not experts:
         raise click.UsageError(f"--method {method} needs --experts N (experts left per MoE layer)")
@@ -333,7 +336,12 @@ def compress(
     if method in ("prune-experts", "merge-experts"):
         options = {"experts": experts, **({"by": by} if method == "merge-experts" else {})}
     elif method == "tokens":
-        options = {"reduction": reduction, "keep": keep, "layers": parse_layers(layers), "placement": placement}
+        options = {
+            "reduction": reduction,
+            "keep": parse_keep(keep),
+            "layers": parse_layers(layers),
+            "placement": placement,
+        }
     with console.status(f"compressing {run_dir} ({method})"):
         summary = compress_run(run_dir, out, method, which=checkpoint, **options)
     before, after = summary["test_before"], summary["test"]

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from torch import nn
 
+from modalmoe.config import ConfigError
 from modalmoe.io import atomic_write_text
 
 METHODS = ("int8", "prune-experts", "merge-experts", "tokens")
@@ -146,4 +147,16 @@ def parse_layers(text: str | None) -> Sequence[int] | None:
     try:
         return tuple(int(part) for part in text.split(","))
     except ValueError as error:
-        raise ValueError(f"--layers takes comma-separated block indices such as 0 or 0,1, got {text!r}") from error
+        raise ConfigError(f"--layers takes comma-separated block indices such as 0 or 0,1, got {text!r}") from error
+
+
+def parse_keep(text: str) -> float | dict[str, float]:
+    """``"0.5"`` -> 0.5; ``"image=0.75,audio=0.5"`` -> {"image": 0.75, "audio": 0.5}."""
+    try:
+        if "=" not in text:
+            return float(text)
+        return {name.strip(): float(value) for name, value in (part.split("=", 1) for part in text.split(","))}
+    except ValueError as error:
+        raise ConfigError(
+            f"--keep takes a fraction such as 0.5 or per-modality fractions such as image=0.75,audio=0.5; got {text!r}"
+        ) from error
