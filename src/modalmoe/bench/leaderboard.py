@@ -1,7 +1,8 @@
 """The leaderboard: per task, each design's test metric over seeds (mean, 95% CI), its paired
 difference from the best dense baseline (Holm-adjusted p-value, significance marked),
 robustness, and cost; written as a terminal table, ``leaderboard.md``, ``results.csv`` and
-Pareto plots (metric against active FLOPs and against batch-1 latency).
+Pareto plots (metric against active FLOPs and against batch-1 latency). Lifelong protocols
+add a "Lifelong" table each (forgetting and gain per method, ``bench/lifelong.py``).
 """
 
 from __future__ import annotations
@@ -64,9 +65,9 @@ def task_rows(records: list[dict], metric: str) -> list[Row]:
         values = {r["seed"]: r["metrics"].get(metric) for r in recs if r["metrics"].get(metric) is not None}
         if not values:
             continue
-        row = Row(
-            design, values, summarize(list(values.values())), dense=design.startswith("dense-") and "+" not in design
-        )
+        # A lifelong row (``dense-early:audio``) is never the dense baseline: it sees fewer modalities.
+        dense = design.startswith("dense-") and "+" not in design and ":" not in design
+        row = Row(design, values, summarize(list(values.values())), dense=dense)
         missing, rr = [], []
         for r in recs:
             ev = r.get("evaluation") or {}
@@ -262,13 +263,16 @@ def pareto_plots(boards: dict, out: Path) -> list[Path]:
 
 def write_outputs(out: Path, records: list[dict], suite, *, console: Console | None = None) -> dict:
     """leaderboard.md, results.csv, Pareto PNGs; prints the leaderboard."""
+    from modalmoe.bench.lifelong import lifelong_markdown, print_lifelong
+
     boards = leaderboards(records)
     env = next((r.get("environment") for r in records if r.get("environment")), None)
-    atomic_write_text(out / "leaderboard.md", markdown(boards, suite.name, env))
+    atomic_write_text(out / "leaderboard.md", markdown(boards, suite.name, env) + lifelong_markdown(records, suite))
     ResultsStore(out).write_csv()
     pareto_plots(boards, out)
     if console is not None:
         print_boards(boards, console)
+        print_lifelong(records, console, suite)
     return boards
 
 

@@ -5,6 +5,8 @@ width so its cost matches the task's budget (``bench/compute.py``); train it
 (``modalmoe.train.Trainer``, run directory kept under ``runs/``); evaluate the best
 checkpoint on the test split with the suite's robustness axes; measure FLOPs, parameters,
 latency at batch 1 and 64 and peak inference memory; append one record to the store.
+The suite's lifelong protocols add their cells after these (``bench/lifelong.py``); a cell
+that ``needs`` another starts once that one has finished.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import os
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +65,10 @@ def plan_cells(suite: SuiteConfig) -> list[Cell]:
                 for m in modalities:
                     for fraction in suite.robustness.imbalance:
                         cells.append(Cell(task, design, seed, (m, fraction)))
+    if suite.lifelong:
+        from modalmoe.bench.lifelong import plan_lifelong
+
+        cells += plan_lifelong(suite)
     return cells
 
 
@@ -152,8 +158,11 @@ def run_cell(cell: Cell, suite_json: dict, budget: float | None, out: str, threa
 
 
 def _run_cell(cell: Cell, suite: SuiteConfig, budget: float | None, out: Path) -> dict:
+    from modalmoe.bench.lifelong import LifelongCell, run_lifelong_cell
     from modalmoe.data.batch import Task
 
+    if isinstance(cell, LifelongCell):
+        return run_lifelong_cell(cell, suite, out)
     task = suite_task(suite, cell.task)
     if cell.design == LOGREG:
         return _logistic_regression(task, cell.seed)
@@ -319,20 +328,32 @@ def run_bench(
                 console.print(f"[red]cell failed[/red] {cell_key(record)}: {record['error']}")
 
         if jobs <= 1:
-            for cell in cells:
+            for cell in cells:  # planned in order: a cell comes after the one it needs
                 finish(run_cell(cell, suite_json, task_budgets.get(cell.task), str(out), threads))
         else:
             import multiprocessing
 
+            # A cell that needs an unfinished one (a lifelong stage 2 its stage 1) waits for it.
+            todo = {cell.key for cell in cells}
+            waiting: dict[tuple, list[Cell]] = {}
+            for cell in cells:
+                if getattr(cell, "needs", None) in todo:
+                    waiting.setdefault(cell.needs, []).append(cell)
             # spawn, not fork: forking a process whose OpenMP pool is running can deadlock.
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-                futures = [
-                    pool.submit(run_cell, cell, suite_json, task_budgets.get(cell.task), str(out), threads)
-                    for cell in cells
-                ]
-                for future in as_completed(futures):
-                    finish(future.result())
+
+                def submit(cell):
+                    return pool.submit(run_cell, cell, suite_json, task_budgets.get(cell.task), str(out), threads)
+
+                futures = {submit(c): c for c in cells if getattr(c, "needs", None) not in todo}
+                while futures:
+                    done_now, _ = wait(futures, return_when=FIRST_COMPLETED)
+                    for future in done_now:
+                        cell = futures.pop(future)
+                        finish(future.result())
+                        for later in waiting.pop(cell.key, []):  # run even if it failed: they record why
+                            futures[submit(later)] = later
     records = store.records()
     from modalmoe.bench.leaderboard import write_outputs
 

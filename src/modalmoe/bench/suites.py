@@ -4,7 +4,9 @@ A cell is (task, design, seed). A suite names the tasks (task files of the prese
 designs (preset designs, plus ``logistic-regression`` on concatenated features), the seeds,
 the compute-matching rule (every design solved to the reference design's FLOPs or
 parameters per sample), overrides for all cells or per task, optional per-split sample
-limits (for quick suites), and the robustness axes evaluated on every cell.
+limits (for quick suites), and the robustness axes evaluated on every cell. Its ``lifelong``
+protocols (``LifelongProtocol``) add cells that train on some modalities, then grow the run
+by others with each continual-learning method (``bench/lifelong.py``).
 """
 
 from __future__ import annotations
@@ -90,13 +92,85 @@ class CompressConfig(_Strict):
         return f"distill-{self.student}" + ("*" if self.student_overrides else "")
 
 
+class LifelongMethod(_Strict):
+    """How a lifelong protocol's stage 2 continues the stage-1 run (``lifelong.grow_config``).
+
+    Attributes:
+        experts: experts added per MoE layer for each added modality, reserved for it.
+        freeze: what of the run stays fixed: ``experts`` (its experts, shared experts and
+            router rows), ``old`` (every tensor from the run), ``none`` (naive fine-tuning).
+        ewc: Elastic Weight Consolidation strength lambda (0: off).
+        fisher_samples: training samples for EWC's Fisher (None: ``GrowConfig``'s default).
+        overrides: ``key=value`` for this method's stage 2 only.
+    """
+
+    experts: int = Field(0, ge=0)
+    freeze: Literal["experts", "old", "none"]
+    ewc: float = Field(0.0, ge=0.0)
+    fisher_samples: int | None = Field(None, ge=1)
+    overrides: list[str] = Field(default_factory=list)
+
+
+class LifelongProtocol(_Strict):
+    """Learn a task on some modalities, then add others (issue 10): stage 1 trains
+    ``<task>/<design>`` on ``first`` once per seed; stage 2 continues it with ``add`` by each
+    method. Every (method, seed) is a cell whose record keeps the metric on the old modalities
+    before and after, forgetting, and the gain with all modalities (``bench/lifelong.py``).
+    The presets' sizes are used as they are (no compute matching).
+
+    Attributes:
+        task: a preset task file.
+        design: a preset design (growing experts needs the ``token_choice`` router).
+        first: the modalities of stage 1.
+        add: the modalities stage 2 adds.
+        methods: method name -> ``LifelongMethod`` (names label the cells: ``grow``, ``naive``).
+        dropout: ``model.missing.dropout`` in stage 2 (modality dropout keeps inputs with only
+            the old modalities in the training distribution; 0.3 is the recipe of
+            ``benchmarks/lifelong.py``); None keeps stage 1's.
+        overrides: ``key=value`` for both stages, after the suite's.
+    """
+
+    task: str
+    design: str
+    first: list[str] = Field(min_length=1)
+    add: list[str] = Field(min_length=1)
+    methods: dict[str, LifelongMethod] = Field(min_length=1)
+    dropout: float | None = Field(0.3, ge=0.0, lt=1.0)
+    overrides: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _complete(self) -> LifelongProtocol:
+        both = [m for m in self.add if m in self.first]
+        if both or len(set(self.first)) < len(self.first) or len(set(self.add)) < len(self.add):
+            raise ValueError(f"first {self.first} and add {self.add} must name distinct modalities")
+        bad = [name for name in self.methods if not name or any(c in name for c in ":>/+ ")]
+        if bad:
+            raise ValueError(f"method names {bad} must be non-empty and free of ':', '>', '/', '+' and spaces")
+        return self
+
+    @property
+    def stage1_label(self) -> str:
+        """The stage-1 cells' design label: ``token-choice:audio``."""
+        return f"{self.design}:{'+'.join(self.first)}"
+
+    @property
+    def label(self) -> str:
+        """The protocol: ``token-choice:audio>+image``."""
+        return f"{self.stage1_label}>+{'+'.join(self.add)}"
+
+    def method_label(self, method: str) -> str:
+        """A stage-2 cell's design label: ``token-choice:audio>+image:grow``."""
+        return f"{self.label}:{method}"
+
+
 class SuiteConfig(_Strict):
     """A benchmark suite.
 
     Attributes:
         name: the suite's name.
         description: one line.
-        tasks: preset task files (``configs/tasks/<task>.yaml``).
+        tasks: preset task files (``configs/tasks/<task>.yaml``); may be empty in a suite of
+            only ``lifelong`` protocols.
         designs: preset designs, and ``logistic-regression``.
         seeds: seeds of every cell.
         reference: the design whose cost sets each task's budget.
@@ -107,12 +181,14 @@ class SuiteConfig(_Strict):
         limit: task -> maximum samples per split (a seeded random subset; for quick suites).
         robustness: the robustness axes.
         compress: efficiency methods applied to each trained cell (``CompressConfig``).
+        lifelong: lifelong protocols (``LifelongProtocol``), run over ``seeds`` with
+            ``overrides`` and ``task_overrides``, not ``limit`` or ``match``.
     """
 
     name: str
     description: str = ""
-    tasks: list[str]
-    designs: list[str]
+    tasks: list[str] = Field(default_factory=list)
+    designs: list[str] = Field(default_factory=list)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     reference: str = "dense-early"
     match: Literal["flops", "params", "none"] = "flops"
@@ -122,19 +198,47 @@ class SuiteConfig(_Strict):
     limit: dict[str, int] = Field(default_factory=dict)
     robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
     compress: list[CompressConfig] = Field(default_factory=list)
+    lifelong: list[LifelongProtocol] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _known_parts(self) -> SuiteConfig:
+        if bool(self.tasks) != bool(self.designs) or not (self.tasks or self.lifelong):
+            raise ValueError(
+                "a suite needs both tasks and designs (cells task x design x seed), or lifelong protocols, or both; "
+                f"got tasks {self.tasks}, designs {self.designs}, {len(self.lifelong)} lifelong protocols"
+            )
         known_tasks, known_designs = task_files(), [*design_names(), LOGREG]
-        for what, names, known in (("task", self.tasks, known_tasks), ("design", self.designs, known_designs)):
+        lifelong_tasks = [p.task for p in self.lifelong]
+        for what, names, known in (
+            ("task", [*self.tasks, *lifelong_tasks], known_tasks),
+            ("design", [*self.designs, *(p.design for p in self.lifelong)], known_designs),
+        ):
             unknown = [n for n in names if n not in known]
             if unknown:
                 raise ValueError(f"unknown {what}s {unknown}; known: {', '.join(known)}")
+        if LOGREG in [p.design for p in self.lifelong]:
+            raise ValueError(f"a lifelong protocol needs a trained design, not {LOGREG!r}")
+        stage1, labels = {}, set()
+        for p in self.lifelong:
+            key = (p.task, p.stage1_label)
+            if stage1.setdefault(key, p.overrides) != p.overrides:
+                raise ValueError(
+                    f"lifelong protocols share stage 1 {key} with different overrides; split their designs"
+                )
+            for method in p.methods:
+                if (p.task, p.method_label(method)) in labels:
+                    raise ValueError(f"lifelong cell {p.task} {p.method_label(method)} is listed twice")
+                labels.add((p.task, p.method_label(method)))
         if self.match != "none" and self.reference not in design_names():
             raise ValueError(f"reference design {self.reference!r} is not a design ({', '.join(design_names())})")
-        stray = sorted((set(self.task_overrides) | set(self.limit)) - set(self.tasks))
+        stray = sorted(
+            (set(self.task_overrides) - set(self.tasks) - set(lifelong_tasks)) | (set(self.limit) - set(self.tasks))
+        )
         if stray:
-            raise ValueError(f"task_overrides/limit name tasks {stray} that the suite does not run")
+            raise ValueError(
+                f"task_overrides/limit name tasks {stray} that the suite does not run (limit applies to `tasks`, "
+                "not to lifelong protocols)"
+            )
         return self
 
 

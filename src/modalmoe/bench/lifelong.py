@@ -1,0 +1,360 @@
+"""Lifelong protocols in the bench (issue 10): learn on some modalities, add others, measure
+what is forgotten, in the same results store and leaderboard as the other cells.
+
+A suite's ``lifelong`` protocol (``suites.LifelongProtocol``) gives two kinds of cells:
+
+- stage 1, ``token-choice:audio``: ``<task>/<design>`` trained on ``first`` only, once per
+  seed; its record is an ordinary leaderboard row (the metric with the old modalities);
+- stage 2, ``token-choice:audio>+image:grow``: the stage-1 run of the same seed grown by
+  ``add`` with one method (``lifelong.continue_run``: new reserved experts, what stays frozen,
+  EWC), trained, evaluated on the test split with every modality subset and profiled like
+  every cell. Its ``lifelong`` block keeps the primary metric on the old modalities before
+  (the stage-1 model) and after (the grown model with only the old modalities), forgetting,
+  the metric with all modalities and with only the new ones after, and the gain (all after
+  minus old before). Forgetting and gain are taken in the metric's better direction (for
+  ``mse``, forgetting is after minus before).
+
+A stage-2 cell ``needs`` its stage-1 cell: the runner starts it once that one has finished
+(``runner.run_bench``), so each stage-1 run is trained once and shared by its seed's methods.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from modalmoe.bench.suites import LifelongProtocol, SuiteConfig
+from modalmoe.config import ConfigError
+
+
+class LifelongError(ConfigError):
+    """A lifelong cell cannot run as planned (an unknown modality, stage 1 missing)."""
+
+
+@dataclass(frozen=True)
+class LifelongCell:
+    """One lifelong cell: stage 1 (``method`` None) or stage 2 with ``method``.
+
+    Attributes:
+        task: the task file.
+        design: the protocol's base design (the record's ``base_design``).
+        seed: the seed of both stages.
+        protocol: index into ``suite.lifelong``.
+        method: the stage-2 method (None: stage 1).
+        label: the record's design label.
+        stage1: the design label of the stage-1 cell a stage-2 cell grows ("" for stage 1).
+    """
+
+    task: str
+    design: str
+    seed: int
+    protocol: int
+    method: str | None
+    label: str
+    stage1: str
+
+    imbalance = None  # the runner's training-imbalance axis does not apply
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return self.task, self.label, self.seed
+
+    @property
+    def needs(self) -> tuple[str, str, int] | None:
+        """The key of the cell that must finish first (stage 1 of the same seed)."""
+        return None if self.method is None else (self.task, self.stage1, self.seed)
+
+
+def plan_lifelong(suite: SuiteConfig) -> list[LifelongCell]:
+    """The lifelong cells of ``suite``: per protocol, stage 1 of every seed (once, even when
+    protocols share it), then every (method, seed). Checks each protocol's modalities."""
+    cells, planned = [], set()
+    for index, protocol in enumerate(suite.lifelong):
+        check_modalities(suite, protocol)
+        for seed in suite.seeds:
+            cell = LifelongCell(protocol.task, protocol.design, seed, index, None, protocol.stage1_label, "")
+            if cell.key not in planned:
+                planned.add(cell.key)
+                cells.append(cell)
+        for method in protocol.methods:
+            for seed in suite.seeds:
+                label, stage1 = protocol.method_label(method), protocol.stage1_label
+                cells.append(LifelongCell(protocol.task, protocol.design, seed, index, method, label, stage1))
+    return cells
+
+
+def check_modalities(suite: SuiteConfig, protocol: LifelongProtocol) -> None:
+    """Raise ``LifelongError`` unless ``first`` and ``add`` are modalities of the task."""
+    from modalmoe.data.tasks import load_task
+
+    config = _preset(suite, protocol, 0, modalities=False)
+    known = list(load_task(config.task, **config.task_options).specs)
+    unknown = [m for m in [*protocol.first, *protocol.add] if m not in known]
+    if unknown:
+        raise LifelongError(
+            f"lifelong protocol {protocol.task} {protocol.label}: task {config.task!r} has no modalities {unknown}; "
+            f"its modalities are {known}"
+        )
+
+
+def _preset(suite: SuiteConfig, protocol: LifelongProtocol, seed: int, *, modalities: bool = True):
+    from modalmoe.model.presets import get_preset
+
+    overrides = [*suite.overrides, *suite.task_overrides.get(protocol.task, []), *protocol.overrides]
+    overrides.append(f"train.seed={seed}")
+    if modalities:
+        overrides.append(f"modalities={json.dumps(protocol.first)}")
+    return get_preset(f"{protocol.task}/{protocol.design}", overrides=overrides)
+
+
+def run_directory(out: Path, protocol: LifelongProtocol, seed: int, method: str | None = None) -> Path:
+    """``runs/<task>/lifelong/<design>/<first>/s<seed>`` for stage 1,
+    ``runs/<task>/lifelong/<design>/<first>/+<add>/<method>/s<seed>`` for stage 2."""
+    base = out / "runs" / protocol.task / "lifelong" / protocol.design / "+".join(protocol.first)
+    if method is not None:
+        base = base / f"+{'+'.join(protocol.add)}" / method
+    return base / f"s{seed}"
+
+
+def run_lifelong_cell(cell: LifelongCell, suite: SuiteConfig, out: Path) -> dict:
+    """Train and measure one lifelong cell; returns the record's fields (raises on failure,
+    which ``runner.run_cell`` records)."""
+    from modalmoe.evaluate.runner import evaluate
+    from modalmoe.train import Trainer, load_run_model
+    from modalmoe.train.trainer import experiment_task
+
+    protocol = suite.lifelong[cell.protocol]
+    run_dir = run_directory(out, protocol, cell.seed, cell.method)
+    if cell.method is None:
+        config = _preset(suite, protocol, cell.seed)
+    else:
+        config = _grown(suite, protocol, cell, run_directory(out, protocol, cell.seed))
+    if run_dir.exists():  # an attempt interrupted by a kill: start the cell again
+        shutil.rmtree(run_dir)
+    task = experiment_task(config)
+    t0 = time.perf_counter()
+    quiet = Console(quiet=True)  # the grown runs' init and freeze notes would flood the bench's progress bar
+    result = Trainer(config, run_dir, task=task, progress=False, console=quiet).fit()
+    train_seconds = time.perf_counter() - t0
+    model = load_run_model(run_dir)
+    t0 = time.perf_counter()
+    report = evaluate(
+        model,
+        task.test,
+        subsets=suite.robustness.subsets or cell.method is not None,  # stage 2 reads forgetting from the subsets
+        noise_levels=[0, *suite.robustness.noise] if suite.robustness.noise else [],
+        train_scale=task.train,
+        seed=cell.seed,
+    )
+    block = {"stage": 1, "protocol": protocol.label, "modalities": list(protocol.first)}
+    if cell.method is not None:
+        before = evaluate(load_run_model(run_directory(out, protocol, cell.seed)), task.test.select(protocol.first))
+        block = _lifelong_block(protocol, cell.method, report, before)
+    eval_seconds = time.perf_counter() - t0
+    return {
+        "config": config.model_dump(mode="json"),
+        "run_dir": str(run_dir.relative_to(out)),
+        "metrics": report.metrics,
+        "valid": result.best,
+        "evaluation": report.to_dict(),
+        "epochs": result.epochs,
+        "steps": result.steps,
+        **_profile(model, task),
+        "lifelong": block,
+        "train_seconds": round(train_seconds, 3),
+        "eval_seconds": round(eval_seconds, 3),
+    }
+
+
+def _grown(suite: SuiteConfig, protocol: LifelongProtocol, cell: LifelongCell, source: Path):
+    """The stage-2 experiment: the stage-1 run grown by ``protocol.add`` with the cell's method."""
+    from modalmoe.lifelong.grow import continue_run
+
+    if not (source / "summary.json").exists():
+        raise LifelongError(
+            f"stage 1 of this cell ({cell.task} {cell.stage1}, seed {cell.seed}) has no finished run at "
+            f"{str(source)!r}: its cell failed or was interrupted; see its record, then run the bench again "
+            "with --resume"
+        )
+    method = protocol.methods[cell.method]
+    return continue_run(
+        source.resolve(),  # the grown run's train.init_from: absolute, so it does not depend on the cwd
+        add_modalities=protocol.add,
+        overrides=method.overrides,
+        experts=method.experts,
+        freeze=method.freeze,
+        ewc=method.ewc,
+        dropout=protocol.dropout,
+        fisher_samples=method.fisher_samples,
+    )
+
+
+def _profile(model, task) -> dict:
+    from modalmoe.efficiency.profile import profile_model
+
+    numbers = profile_model(model, task.test, repeats=10)  # the same numbers as the runner's cells
+    size = numbers["batch_size"]
+    return {
+        "flops": numbers["flops_per_sample"],
+        "params": numbers["params"],
+        "active_params": numbers["active_params"],
+        "flops_components": numbers["flops_by_component"],
+        "matched": None,  # lifelong cells use the presets' sizes
+        "latency_b1_ms": numbers["latency_b1_ms"]["p50_ms"],
+        "latency_b64_ms": numbers[f"latency_b{size}_ms"]["p50_ms"],
+        "memory_b64_mib": numbers[f"memory_b{size}_mib"],
+    }
+
+
+def _subset(report, modalities: list[str]) -> float | None:
+    for row in report.subsets:
+        if set(row.modalities) == set(modalities):
+            return row.metrics.get(report.metric)
+    return None
+
+
+def _lifelong_block(protocol: LifelongProtocol, method: str, report, before) -> dict:
+    """The stage-2 record's ``lifelong`` block from the grown model's report (with subsets)
+    and the stage-1 model's report on the same test samples (old modalities)."""
+    metric = report.metric
+    if metric is None or before.metric != metric:
+        raise LifelongError(f"lifelong cells need a prediction head with one primary metric, got {metric!r}")
+    sign = -1.0 if report.mode == "min" else 1.0  # forgetting and gain in the metric's better direction
+    old_before, old_after = before.metrics[metric], _subset(report, protocol.first)
+    all_after = report.metrics[metric]
+    spec = protocol.methods[method]
+    return {
+        "stage": 2,
+        "protocol": protocol.label,
+        "stage1": protocol.stage1_label,
+        "method": method,
+        "first": list(protocol.first),
+        "add": list(protocol.add),
+        "options": {"experts": spec.experts, "freeze": spec.freeze, "ewc": spec.ewc, "dropout": protocol.dropout},
+        "metric": metric,
+        "old_before": old_before,
+        "old_after": old_after,
+        "forgetting": sign * (old_before - old_after),
+        "all_after": all_after,
+        "new_after": _subset(report, protocol.add),
+        "gain": sign * (all_after - old_before),
+    }
+
+
+# --- the leaderboard's Lifelong tables ------------------------------------------------------
+
+COLUMNS = ("forgetting", "old_before", "old_after", "all_after", "new_after", "gain")
+
+
+def lifelong_tables(records: list[dict], suite: SuiteConfig | None = None) -> dict[tuple[str, str], list[dict]]:
+    """(task, protocol) -> one row per method: its options, seeds and, per column of
+    ``COLUMNS``, the values over seeds (in points for accuracy-like metrics). Methods in the
+    suite's order, else as they first appear."""
+    by_protocol: dict[tuple[str, str], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        block = r.get("lifelong") or {}
+        if r.get("status") == "ok" and block.get("stage") == 2:
+            by_protocol[(r["task"], block["protocol"])][block["method"]].append(r)
+    order = {}
+    for p in suite.lifelong if suite is not None else []:
+        order.setdefault((p.task, p.label), list(p.methods))
+    tables = {}
+    for key, methods in by_protocol.items():
+        names = sorted(methods, key=lambda m: (order.get(key, []) + [m]).index(m))
+        rows = []
+        for method in names:
+            recs = sorted(methods[method], key=lambda r: r["seed"])
+            block = recs[0]["lifelong"]
+            scale = 100.0 if block["metric"] in ("accuracy", "macro_f1", "auroc") else 1.0
+            row = {"method": method, "metric": block["metric"], "scale": scale, "options": block["options"]}
+            row["seeds"] = [r["seed"] for r in recs]
+            for column in COLUMNS:
+                row[column] = [scale * r["lifelong"][column] for r in recs if r["lifelong"].get(column) is not None]
+            rows.append(row)
+        tables[key] = rows
+    return tables
+
+
+def mean_std(values: list[float]) -> str:
+    """``mean ± sample std`` (one value: the value)."""
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+HEADER = [
+    "method",
+    "new experts",
+    "freeze",
+    "EWC λ",
+    "seeds",
+    "forgetting",
+    "old before",
+    "old after",
+    "all after",
+    "new only",
+    "gain",
+]
+
+
+def _cells(row: dict) -> list[str]:
+    o = row["options"]
+    return [
+        row["method"],
+        str(o["experts"]),
+        o["freeze"],
+        f"{o['ewc']:g}",
+        str(len(row["seeds"])),
+        *(mean_std(row[c]) for c in COLUMNS),
+    ]
+
+
+def _title(task: str, protocol: str, rows: list[dict]) -> str:
+    design, _, modalities = protocol.partition(":")
+    first, _, add = modalities.partition(">")
+    metric = rows[0]["metric"] + (" %" if rows[0]["scale"] == 100.0 else "")
+    return f"{task}: {design}, {first.replace('+', ' + ')} → {add.replace('+', '+ ', 1)} ({metric})"
+
+
+def lifelong_markdown(records: list[dict], suite: SuiteConfig | None = None) -> str:
+    """The leaderboard's "Lifelong" section (empty without lifelong records)."""
+    tables = lifelong_tables(records, suite)
+    if not tables:
+        return ""
+    lines = [
+        "",
+        "## Lifelong",
+        "",
+        "Stage 1 trains on the first modalities; stage 2 grows that run (the same seed) by the added ones "
+        "with each method. Test split, mean ± std over seeds. old before / old after: the metric with only "
+        "the old modalities, from the stage-1 model and from the grown one; forgetting: old before − old after "
+        "(after − before for a lower-is-better metric); all after: with every modality; new only: with only the "
+        "added ones; gain: all after − old before.",
+        "",
+    ]
+    for (task, protocol), rows in tables.items():
+        lines += [f"### {_title(task, protocol, rows)}", ""]
+        lines += ["| " + " | ".join(HEADER) + " |", "|---|---:|---|---:|" + "---:|" * (len(HEADER) - 4)]
+        lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def print_lifelong(records: list[dict], console: Console, suite: SuiteConfig | None = None) -> None:
+    for (task, protocol), rows in lifelong_tables(records, suite).items():
+        table = Table(title=f"lifelong {_title(task, protocol, rows)}", title_justify="left")
+        for i, name in enumerate(HEADER):
+            table.add_column(name, justify="left" if i in (0, 2) else "right", no_wrap=True)
+        for row in rows:
+            table.add_row(*_cells(row))
+        console.print(table)
