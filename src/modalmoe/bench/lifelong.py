@@ -127,6 +127,7 @@ def run_directory(out: Path, protocol: LifelongProtocol, seed: int, method: str 
 def run_lifelong_cell(cell: LifelongCell, suite: SuiteConfig, out: Path) -> dict:
     """Train and measure one lifelong cell; returns the record's fields (raises on failure,
     which ``runner.run_cell`` records)."""
+    from modalmoe.bench.runner import cost_fields
     from modalmoe.evaluate.runner import evaluate
     from modalmoe.train import Trainer, load_run_model
     from modalmoe.train.trainer import experiment_task
@@ -167,7 +168,8 @@ def run_lifelong_cell(cell: LifelongCell, suite: SuiteConfig, out: Path) -> dict
         "evaluation": report.to_dict(),
         "epochs": result.epochs,
         "steps": result.steps,
-        **_profile(model, task),
+        **cost_fields(model, task.test),  # the same numbers as the runner's cells
+        "matched": None,  # lifelong cells use the presets' sizes
         "lifelong": block,
         "train_seconds": round(train_seconds, 3),
         "eval_seconds": round(eval_seconds, 3),
@@ -195,23 +197,6 @@ def _grown(suite: SuiteConfig, protocol: LifelongProtocol, cell: LifelongCell, s
         dropout=protocol.dropout,
         fisher_samples=method.fisher_samples,
     )
-
-
-def _profile(model, task) -> dict:
-    from modalmoe.efficiency.profile import profile_model
-
-    numbers = profile_model(model, task.test, repeats=10)  # the same numbers as the runner's cells
-    size = numbers["batch_size"]
-    return {
-        "flops": numbers["flops_per_sample"],
-        "params": numbers["params"],
-        "active_params": numbers["active_params"],
-        "flops_components": numbers["flops_by_component"],
-        "matched": None,  # lifelong cells use the presets' sizes
-        "latency_b1_ms": numbers["latency_b1_ms"]["p50_ms"],
-        "latency_b64_ms": numbers[f"latency_b{size}_ms"]["p50_ms"],
-        "memory_b64_mib": numbers[f"memory_b{size}_mib"],
-    }
 
 
 def _subset(report, modalities: list[str]) -> float | None:

@@ -168,7 +168,6 @@ def _run_cell(cell: Cell, suite: SuiteConfig, budget: float | None, out: Path) -
         return _logistic_regression(task, cell.seed)
     from modalmoe.bench.compute import match_compute
     from modalmoe.data.corrupt import imbalance
-    from modalmoe.efficiency.profile import profile_model
     from modalmoe.evaluate.runner import evaluate
     from modalmoe.train import Trainer, load_run_model
 
@@ -213,17 +212,12 @@ def _run_cell(cell: Cell, suite: SuiteConfig, budget: float | None, out: Path) -
         )
         return report, time.perf_counter() - t0
 
-    def profile(model):
-        return profile_model(model, task.test, repeats=10)  # the same numbers as `modalmoe profile`
-
     report, eval_seconds = evaluate_model(model)
-    numbers = profile(model)
-    size = numbers["batch_size"]
     variants, skipped = [], {}
     if suite.compress and cell.imbalance is None:
         from modalmoe.bench.variants import run_variants
 
-        variants, skipped = run_variants(cell, suite, cfg, task, run_dir, out, evaluate_model, profile)
+        variants, skipped = run_variants(cell, suite, cfg, task, run_dir, out, evaluate_model)
     return {
         "variants": variants,
         "skipped_variants": skipped,
@@ -234,10 +228,7 @@ def _run_cell(cell: Cell, suite: SuiteConfig, budget: float | None, out: Path) -
         "evaluation": report.to_dict(),
         "epochs": result.epochs,
         "steps": result.steps,
-        "flops": numbers["flops_per_sample"],
-        "params": numbers["params"],
-        "active_params": numbers["active_params"],
-        "flops_components": numbers["flops_by_component"],
+        **cost_fields(model, task.test),
         "matched": None
         if matched is None
         else {
@@ -247,11 +238,26 @@ def _run_cell(cell: Cell, suite: SuiteConfig, budget: float | None, out: Path) -
             "achieved": matched.achieved,
             "relative_error": matched.relative_error,
         },
+        "train_seconds": round(train_seconds, 3),
+        "eval_seconds": round(eval_seconds, 3),
+    }
+
+
+def cost_fields(model, data) -> dict:
+    """A trained model's cost fields of a bench record, measured by ``profile_model`` (the
+    numbers ``modalmoe profile`` prints): FLOPs, parameters, latency, memory."""
+    from modalmoe.efficiency.profile import profile_model
+
+    numbers = profile_model(model, data, repeats=10)
+    size = numbers["batch_size"]
+    return {
+        "flops": numbers["flops_per_sample"],
+        "params": numbers["params"],
+        "active_params": numbers["active_params"],
+        "flops_components": numbers["flops_by_component"],
         "latency_b1_ms": numbers["latency_b1_ms"]["p50_ms"],
         "latency_b64_ms": numbers[f"latency_b{size}_ms"]["p50_ms"],
         "memory_b64_mib": numbers[f"memory_b{size}_mib"],
-        "train_seconds": round(train_seconds, 3),
-        "eval_seconds": round(eval_seconds, 3),
     }
 
 

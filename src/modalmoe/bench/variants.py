@@ -53,7 +53,7 @@ def _student(spec: CompressConfig, suite: SuiteConfig, task_file: str, seed: int
 
 
 def run_variants(
-    cell, suite: SuiteConfig, config, task, run_dir: Path, out: Path, evaluate_model, profile
+    cell, suite: SuiteConfig, config, task, run_dir: Path, out: Path, evaluate_model
 ) -> tuple[list[dict], dict[str, str]]:
     """Records of every applicable variant of a trained cell, and the skipped ones' reasons.
 
@@ -64,8 +64,8 @@ def run_variants(
         run_dir: the trained cell's run directory (the teacher for distillation).
         out: the bench directory.
         evaluate_model: ``model -> (EvalReport, seconds)`` with the suite's robustness axes.
-        profile: ``model -> profile_model numbers``.
     """
+    from modalmoe.bench.runner import cost_fields
     from modalmoe.efficiency.compress import compress_model
     from modalmoe.train import Trainer, load_run_model
 
@@ -111,19 +111,11 @@ def run_variants(
             )
             variant_config = config.model_copy(update={"model": model.config})
         report, eval_seconds = evaluate_model(model)
-        numbers = profile(model)
-        size = numbers["batch_size"]
         record.update(
             config=variant_config.model_dump(mode="json"),
             metrics=report.metrics,
             evaluation=report.to_dict(),
-            flops=numbers["flops_per_sample"],
-            params=numbers["params"],
-            active_params=numbers["active_params"],
-            flops_components=numbers["flops_by_component"],
-            latency_b1_ms=numbers["latency_b1_ms"]["p50_ms"],
-            latency_b64_ms=numbers[f"latency_b{size}_ms"]["p50_ms"],
-            memory_b64_mib=numbers[f"memory_b{size}_mib"],
+            **cost_fields(model, task.test),
             train_seconds=round(train_seconds, 3),
             eval_seconds=round(eval_seconds, 3),
             status="ok",
