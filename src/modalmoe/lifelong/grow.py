@@ -250,22 +250,9 @@ def grow_model(
     task_type = "regression" if model.head.kind == "regression" else "classification"
     grown = build_model(config, all_specs, task_type=task_type, outputs=model.head.outputs).to(model._device)
     if data is not None:
-        fit_encoders(grown, data, list(specs))
+        grown.fit(data, modalities=list(specs))
     report = load_matching(grown, model.state_dict(), Path("<in-memory model>"), grow=True)
     return GrowResult(grown.train(model.training), report)
-
-
-@torch.no_grad()
-def fit_encoders(model, dataset, names: Sequence[str]) -> None:
-    """Fit the encoders of ``names`` only (``MultimodalModel.fit`` fits them all)."""
-    for name in names:
-        if name not in dataset.inputs:
-            raise ValueError(f"the dataset has no modality {name!r} (it has {list(dataset.inputs)})")
-        mask = None
-        if name in dataset.lengths:
-            length = dataset.inputs[name].shape[1]
-            mask = torch.arange(length) < dataset.lengths[name].unsqueeze(1)
-        model.encoders[name].fit(dataset.inputs[name], dataset.present[name], mask)
 
 
 # --- in the trainer -------------------------------------------------------------------------

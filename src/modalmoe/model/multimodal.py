@@ -143,10 +143,13 @@ class MultimodalModel(nn.Module):
         return grow_model(self, {name: spec}, encoders={name: encoder_config}, experts=experts, data=data).model
 
     @torch.no_grad()
-    def fit(self, dataset: MultimodalDataset) -> MultimodalModel:
+    def fit(self, dataset: MultimodalDataset, modalities: Iterable[str] | None = None) -> MultimodalModel:
         """Fit the encoders' data-dependent state (input statistics, tokenizers) on the
-        training split. Call once before training; never on validation or test data."""
-        for name, encoder in self.encoders.items():
+        training split. Call once before training; never on validation or test data.
+        ``modalities``: fit only these encoders (a modality added to a trained model)."""
+        names = list(self.encoders) if modalities is None else list(modalities)
+        for name in names:
+            encoder = self.encoders[name]
             if name not in dataset.inputs:
                 raise ValueError(f"the dataset has no modality {name!r} (it has {list(dataset.inputs)})")
             mask = None
