@@ -119,6 +119,31 @@ def test_a_checkpoint_for_another_config_is_refused(tiny_run, tmp_path, capsys):
         load_run_model(other)
 
 
+def test_a_run_from_before_an_option_existed_still_resumes(tiny_run, tmp_path):
+    """A saved config without a key (written before that option existed) means its default;
+    a finished run from before the best metrics were kept is validated again."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_run, old)
+    path = old / "checkpoints" / "last.safetensors"
+    with safe_open(str(path), "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    config, progress = json.loads(metadata["config"]), json.loads(metadata["progress"])
+    del config["train"]["lora"], config["train"]["collapse"], progress["best_metrics"]
+    save_file(tensors, str(path), metadata={**metadata, "config": json.dumps(config), "progress": json.dumps(progress)})
+    cfg = get_preset("tiny/token-choice", overrides=["train.epochs=3"])
+    result = Trainer(cfg, old, progress=False).fit(resume=True)
+    assert result.best and json.loads((old / "summary.json").read_text())["valid"] == result.best
+    config["train"]["lr"] = 0.5  # a value that differs is still refused
+    save_file(tensors, str(path), metadata={**metadata, "config": json.dumps(config), "progress": json.dumps(progress)})
+    with pytest.raises(CheckpointError, match="train.lr: 0.5 -> 0.001"):
+        Trainer(cfg, old, progress=False).fit(resume=True)
+
+
 def test_an_existing_run_is_not_overwritten_without_resume(tiny_run, capsys):
     assert main(["train", "tiny/token-choice", "--out", str(tiny_run), "--quiet"]) == 2
     assert "--resume" in capsys.readouterr().out

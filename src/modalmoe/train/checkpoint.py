@@ -170,16 +170,32 @@ def config_differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
 def check_config(
     checkpoint: Checkpoint, config: dict, *, sections: tuple[str, ...] = ("task", "task_options", "model")
 ):
-    """Refuse a checkpoint whose config differs from ``config`` in ``sections``."""
+    """Refuse a checkpoint whose config differs from ``config`` in ``sections``.
+
+    A key the saved config lacks counts as its default: the run was written before that
+    option existed, so it ran with the behaviour the default keeps (a run from before
+    ``train.lora`` existed resumes, one trained with another value does not)."""
+    saved = _with_defaults(checkpoint.config)
     diffs = []
     for section in sections:
-        diffs += config_differences(checkpoint.config.get(section), config.get(section), section)
+        diffs += config_differences(saved.get(section), config.get(section), section)
     if diffs:
         shown = "; ".join(diffs[:8]) + (f"; ... ({len(diffs)} in all)" if len(diffs) > 8 else "")
         raise CheckpointError(
             f"{str(checkpoint.path)!r} was written for a different config ({shown}); "
             "resume with the run's own config, or start a new run in another --out directory"
         )
+
+
+def _with_defaults(saved: dict) -> dict:
+    """The saved experiment config with the keys it lacks filled with their defaults (as it
+    was, when it does not validate as a current config)."""
+    from modalmoe.config import ExperimentConfig
+
+    try:
+        return ExperimentConfig.model_validate(saved).model_dump(mode="json")
+    except Exception:  # another version's config: compare it as it is, key by key
+        return saved
 
 
 def restore_module(module: nn.Module, state: dict[str, Any], source: str) -> None:

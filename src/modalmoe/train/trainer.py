@@ -368,7 +368,9 @@ class Trainer:
             trainable -= self.growth.fixed
         test_pred = predict(model, self.task.test, batch_size=256)
         test = task_metrics(test_pred.logits, test_pred.target, self._head_kind())
-        best = progress["best_metrics"]  # the validation metrics of the best checkpoint, kept when it was saved
+        # The validation metrics of the best checkpoint, kept when it was saved (runs written
+        # before they were kept are validated again).
+        best = progress.get("best_metrics") or self.validate(model)
         summary = {
             "name": self.config.name,
             "task": self.config.task,
