@@ -21,7 +21,6 @@ A stage-2 cell ``needs`` its stage-1 cell: the runner starts it once that one ha
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
 import time
 from collections import defaultdict
@@ -127,9 +126,9 @@ def run_directory(out: Path, protocol: LifelongProtocol, seed: int, method: str 
 def run_lifelong_cell(cell: LifelongCell, suite: SuiteConfig, out: Path) -> dict:
     """Train and measure one lifelong cell; returns the record's fields (raises on failure,
     which ``runner.run_cell`` records)."""
-    from modalmoe.bench.runner import cost_fields
+    from modalmoe.bench.runner import evaluate_with_axes, train_run, trained_fields
     from modalmoe.evaluate.runner import evaluate
-    from modalmoe.train import Trainer, load_run_model
+    from modalmoe.train import load_run_model
     from modalmoe.train.trainer import experiment_task
 
     protocol = suite.lifelong[cell.protocol]
@@ -138,37 +137,21 @@ def run_lifelong_cell(cell: LifelongCell, suite: SuiteConfig, out: Path) -> dict
         config = _preset(suite, protocol, cell.seed)
     else:
         config = _grown(suite, protocol, cell, run_directory(out, protocol, cell.seed))
-    if run_dir.exists():  # an attempt interrupted by a kill: start the cell again
-        shutil.rmtree(run_dir)
     task = experiment_task(config)
-    t0 = time.perf_counter()
     quiet = Console(quiet=True)  # the grown runs' init and freeze notes would flood the bench's progress bar
-    result = Trainer(config, run_dir, task=task, progress=False, console=quiet).fit()
-    train_seconds = time.perf_counter() - t0
-    model = load_run_model(run_dir)
-    t0 = time.perf_counter()
-    report = evaluate(
-        model,
-        task.test,
-        subsets=suite.robustness.subsets or cell.method is not None,  # stage 2 reads forgetting from the subsets
-        noise_levels=[0, *suite.robustness.noise] if suite.robustness.noise else [],
-        train_scale=task.train,
-        seed=cell.seed,
+    result, model, train_seconds = train_run(config, run_dir, task, console=quiet)
+    # Stage 2 reads forgetting from the modality subsets.
+    report, eval_seconds = evaluate_with_axes(
+        model, task, suite, cell.seed, subsets=suite.robustness.subsets or cell.method is not None
     )
     block = {"stage": 1, "protocol": protocol.label, "modalities": list(protocol.first)}
     if cell.method is not None:
+        t0 = time.perf_counter()
         before = evaluate(load_run_model(run_directory(out, protocol, cell.seed)), task.test.select(protocol.first))
+        eval_seconds += time.perf_counter() - t0
         block = _lifelong_block(protocol, cell.method, report, before)
-    eval_seconds = time.perf_counter() - t0
     return {
-        "config": config.model_dump(mode="json"),
-        "run_dir": str(run_dir.relative_to(out)),
-        "metrics": report.metrics,
-        "valid": result.best,
-        "evaluation": report.to_dict(),
-        "epochs": result.epochs,
-        "steps": result.steps,
-        **cost_fields(model, task.test),  # the same numbers as the runner's cells
+        **trained_fields(config, run_dir, out, result, report, model, task),
         "matched": None,  # lifelong cells use the presets' sizes
         "lifelong": block,
         "train_seconds": round(train_seconds, 3),

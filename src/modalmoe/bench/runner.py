@@ -168,8 +168,6 @@ def _run_cell(cell: Cell, suite: SuiteConfig, budget: float | None, out: Path) -
         return _logistic_regression(task, cell.seed)
     from modalmoe.bench.compute import match_compute
     from modalmoe.data.corrupt import imbalance
-    from modalmoe.evaluate.runner import evaluate
-    from modalmoe.train import Trainer, load_run_model
 
     cfg = cell_config(suite, cell.task, cell.design, cell.seed)
     matched = None
@@ -191,26 +189,10 @@ def _run_cell(cell: Cell, suite: SuiteConfig, budget: float | None, out: Path) -
         train = imbalance(task.train, modality, fraction, seed=cell.seed)
         task = Task(name=task.name, splits={**task.splits, "train": train}, description=task.description)
     run_dir = out / "runs" / cell.task / cell.label / f"s{cell.seed}"
-    if run_dir.exists():  # an attempt interrupted by a kill: start the cell again
-        import shutil
-
-        shutil.rmtree(run_dir)
-    t0 = time.perf_counter()
-    result = Trainer(cfg, run_dir, task=task, progress=False).fit()
-    train_seconds = time.perf_counter() - t0
-    model = load_run_model(run_dir)
+    result, model, train_seconds = train_run(cfg, run_dir, task)
 
     def evaluate_model(model):
-        t0 = time.perf_counter()
-        report = evaluate(
-            model,
-            task.test,
-            subsets=suite.robustness.subsets,
-            noise_levels=[0, *suite.robustness.noise] if suite.robustness.noise else [],
-            train_scale=task.train,
-            seed=cell.seed,
-        )
-        return report, time.perf_counter() - t0
+        return evaluate_with_axes(model, task, suite, cell.seed)
 
     report, eval_seconds = evaluate_model(model)
     variants, skipped = [], {}
@@ -221,14 +203,7 @@ def _run_cell(cell: Cell, suite: SuiteConfig, budget: float | None, out: Path) -
     return {
         "variants": variants,
         "skipped_variants": skipped,
-        "config": cfg.model_dump(mode="json"),
-        "run_dir": str(run_dir.relative_to(out)),
-        "metrics": report.metrics,
-        "valid": result.best,
-        "evaluation": report.to_dict(),
-        "epochs": result.epochs,
-        "steps": result.steps,
-        **cost_fields(model, task.test),
+        **trained_fields(cfg, run_dir, out, result, report, model, task),
         "matched": None
         if matched is None
         else {
@@ -240,6 +215,52 @@ def _run_cell(cell: Cell, suite: SuiteConfig, budget: float | None, out: Path) -
         },
         "train_seconds": round(train_seconds, 3),
         "eval_seconds": round(eval_seconds, 3),
+    }
+
+
+def train_run(config, run_dir: Path, task, *, console: Console | None = None):
+    """Train ``config`` into ``run_dir`` (an attempt interrupted by a kill is started again)
+    and reload its best checkpoint: (TrainResult, model, training seconds)."""
+    import shutil
+
+    from modalmoe.train import Trainer, load_run_model
+
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    t0 = time.perf_counter()
+    result = Trainer(config, run_dir, task=task, progress=False, console=console).fit()
+    seconds = time.perf_counter() - t0
+    return result, load_run_model(run_dir), seconds
+
+
+def evaluate_with_axes(model, task, suite: SuiteConfig, seed: int, *, subsets: bool | None = None):
+    """The model on the test split with the suite's robustness axes: (EvalReport, seconds)."""
+    from modalmoe.evaluate.runner import evaluate
+
+    t0 = time.perf_counter()
+    report = evaluate(
+        model,
+        task.test,
+        subsets=suite.robustness.subsets if subsets is None else subsets,
+        noise_levels=[0, *suite.robustness.noise] if suite.robustness.noise else [],
+        train_scale=task.train,
+        seed=seed,
+    )
+    return report, time.perf_counter() - t0
+
+
+def trained_fields(config, run_dir: Path, out: Path, result, report, model, task) -> dict:
+    """The record fields every trained cell has: config, run directory, test metrics and
+    evaluation, the best validation metrics, epochs and steps, and the cost fields."""
+    return {
+        "config": config.model_dump(mode="json"),
+        "run_dir": str(run_dir.relative_to(out)),
+        "metrics": report.metrics,
+        "valid": result.best,
+        "evaluation": report.to_dict(),
+        "epochs": result.epochs,
+        "steps": result.steps,
+        **cost_fields(model, task.test),
     }
 
 

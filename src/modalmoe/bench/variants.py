@@ -65,9 +65,9 @@ def run_variants(
         out: the bench directory.
         evaluate_model: ``model -> (EvalReport, seconds)`` with the suite's robustness axes.
     """
-    from modalmoe.bench.runner import cost_fields
+    from modalmoe.bench.runner import cost_fields, train_run
     from modalmoe.efficiency.compress import compress_model
-    from modalmoe.train import Trainer, load_run_model
+    from modalmoe.train import load_run_model
 
     records, skipped = [], {}
     for spec in suite.compress:
@@ -87,14 +87,7 @@ def run_variants(
         if spec.method == "distill":
             student = _student(spec, suite, cell.task, cell.seed, run_dir)
             student_dir = out / "runs" / cell.task / record["design"] / f"s{cell.seed}"
-            if student_dir.exists():
-                import shutil
-
-                shutil.rmtree(student_dir)
-            t0 = time.perf_counter()
-            result = Trainer(student, student_dir, task=task, progress=False).fit()
-            train_seconds = time.perf_counter() - t0
-            model = load_run_model(student_dir)
+            result, model, train_seconds = train_run(student, student_dir, task)
             extra = {"run_dir": str(student_dir.relative_to(out)), "epochs": result.epochs, "steps": result.steps}
             variant_config = student
         else:
