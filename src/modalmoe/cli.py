@@ -109,8 +109,10 @@ def _experiment(source: str, overrides: tuple[str, ...]):
 
 @cli.command(
     help="Train a preset (<task>/<design>), a YAML config, or continue a run directory. With --continue-from "
-    "RUN_DIR --add-modality NAME: grow a trained run by a modality of its task and new experts reserved for it "
-    "(lifelong learning, see modalmoe.lifelong); resume that grown run later with `train OUT --resume`."
+    "RUN_DIR --add-modality NAME: grow a trained run by a modality of its task and new experts reserved for it; "
+    "with --continue-from RUN_DIR --add-task LABEL [--task NAME] [--task-option KEY=VALUE]: learn a new task with "
+    "a new head and new experts reserved for it (lifelong learning, see modalmoe.lifelong); resume a grown run "
+    "later with `train OUT --resume`."
 )
 @click.argument("config", required=False)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a config value (repeatable)")
@@ -118,10 +120,24 @@ def _experiment(source: str, overrides: tuple[str, ...]):
 @click.option("--resume", is_flag=True, help="continue the run in --out (or CONFIG's run directory) exactly")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @click.option("--continue-from", "continue_from", type=click.Path(file_okay=False), default=None, metavar="RUN_DIR",
-              help="a trained run to grow with --add-modality (default --out: RUN_DIR+NAME)")  # fmt: skip
+              help="a trained run to grow with --add-modality or --add-task (default --out: RUN_DIR+NAME)")  # fmt: skip
 @click.option("--add-modality", "add_modality", default=None, metavar="NAME", help="the run's task's modality to add")
+@click.option("--add-task", "add_task", default=None, metavar="LABEL",
+              help="learn a new task, labelled LABEL, with its own head (its data: --task, --task-option)")  # fmt: skip
+@click.option("--task", "new_task", default=None, metavar="NAME",
+              help="with --add-task: the bundled task to learn [default: the run's task]")  # fmt: skip
+@click.option("--task-option", "task_options", multiple=True, metavar="KEY=VALUE",
+              help="with --add-task: an option of that task, e.g. seed=2 (repeatable; over the run's options when "
+              "the task is the run's)")  # fmt: skip
+@click.option(
+    "--previous",
+    default=None,
+    metavar="LABEL",
+    help="with --add-task: the label of the run's own task, when it has none yet [default: its task name]",
+)
 @click.option("--experts", type=click.IntRange(min=0), default=None,
-              help="experts added per MoE layer, reserved for the new modality [default: the run's k]")  # fmt: skip
+              help="experts added per MoE layer, reserved for the new modality or task "
+              "[default: the run's k]")  # fmt: skip
 @click.option("--freeze", type=click.Choice(["experts", "old", "none"]), default=None,
               help="what of the run stays fixed: its experts and router rows, everything, or nothing "
               "[default: experts]")  # fmt: skip
@@ -135,18 +151,32 @@ def train(
     quiet: bool,
     continue_from: str | None,
     add_modality: str | None,
+    add_task: str | None,
+    new_task: str | None,
+    task_options: tuple[str, ...],
+    previous: str | None,
     experts: int | None,
     freeze: str | None,
     ewc: float | None,
 ) -> int:
     from modalmoe.train import Trainer
 
-    if continue_from is not None or add_modality is not None:
-        experiment, out = _grown_experiment(config, continue_from, add_modality, experts, freeze, ewc, overrides, out)
+    task_flags = {"--task": new_task, "--task-option": task_options or None, "--previous": previous}
+    given = [flag for flag, value in task_flags.items() if value is not None]
+    if given and add_task is None:
+        raise click.UsageError(
+            f"{', '.join(given)} describe the task of --add-task LABEL; add it (and --continue-from)"
+        )
+    if continue_from is not None or add_modality is not None or add_task is not None:
+        grow = {"experts": experts, "freeze": freeze, "ewc": ewc}
+        task = {"task": new_task, "task_options": _task_options(task_options), "previous": previous}
+        experiment, out = _grown_experiment(config, continue_from, add_modality, add_task, task, grow, overrides, out)
         if resume:
             raise click.UsageError(f"--resume continues an existing run: use `modalmoe train {out} --resume`")
     elif experts is not None or freeze is not None or ewc is not None:
-        raise click.UsageError("--experts, --freeze and --ewc grow a run: add --continue-from and --add-modality")
+        raise click.UsageError(
+            "--experts, --freeze and --ewc grow a run: add --continue-from and --add-modality or --add-task"
+        )
     elif config is None:
         raise click.UsageError("missing CONFIG (a preset, a YAML file or a run directory), or --continue-from RUN_DIR")
     else:
@@ -161,22 +191,48 @@ def train(
     return 0
 
 
-def _grown_experiment(config, run_dir, name, experts, freeze, ewc, overrides, out):
-    """The experiment of ``train --continue-from RUN_DIR --add-modality NAME`` and its --out."""
-    from modalmoe.lifelong.grow import continue_run
+def _task_options(pairs: tuple[str, ...]) -> dict | None:
+    """``--task-option KEY=VALUE`` pairs -> options (values read as YAML: ``seed=2`` is an int)."""
+    import yaml
+
+    if not pairs:
+        return None
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.UsageError(f"--task-option takes KEY=VALUE (e.g. seed=2), got {pair!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _grown_experiment(config, run_dir, modality, task_label, task, grow, overrides, out):
+    """The experiment of ``train --continue-from RUN_DIR --add-modality NAME`` (or
+    ``--add-task LABEL``) and its --out."""
     from modalmoe.train import read_run_config
 
     if config is not None:
         raise click.UsageError(f"give either CONFIG ({config!r}) or --continue-from RUN_DIR, not both")
     if run_dir is None:
-        raise click.UsageError("--add-modality grows a trained run: give it with --continue-from RUN_DIR")
-    if name is None:
-        raise click.UsageError("--continue-from needs --add-modality NAME (adding a task is not implemented yet)")
+        flag = "--add-modality" if modality is not None else "--add-task"
+        raise click.UsageError(f"{flag} grows a trained run: give it with --continue-from RUN_DIR")
+    if modality is not None and task_label is not None:
+        raise click.UsageError("add a modality or a task, not both in one run: --add-modality or --add-task")
+    if modality is None and task_label is None:
+        raise click.UsageError("--continue-from needs --add-modality NAME or --add-task LABEL")
+    experts = grow["experts"]
     if experts is None:
         experts = read_run_config(run_dir).model.moe.k if Path(run_dir, "config.yaml").is_file() else 0
-    options = {"experts": experts, "freeze": freeze or "experts", "ewc": ewc or 0.0}
-    experiment = continue_run(run_dir, add_modalities=[name], overrides=overrides, **options)
-    return experiment, out or f"{str(run_dir).rstrip('/')}+{name}"
+    options = {"experts": experts, "freeze": grow["freeze"] or "experts", "ewc": grow["ewc"] or 0.0}
+    if modality is not None:
+        from modalmoe.lifelong.grow import continue_run
+
+        experiment = continue_run(run_dir, add_modalities=[modality], overrides=overrides, **options)
+        return experiment, out or f"{str(run_dir).rstrip('/')}+{modality}"
+    from modalmoe.lifelong.tasks import continue_task
+
+    experiment = continue_task(run_dir, label=task_label, overrides=overrides, **options, **task)
+    return experiment, out or f"{str(run_dir).rstrip('/')}+{task_label}"
 
 
 @cli.command("eval", help="Evaluate a run's best checkpoint: metrics, every modality subset, noise.")
@@ -186,26 +242,35 @@ def _grown_experiment(config, run_dir, name, experts, freeze, ewc, overrides, ou
 @click.option("--noise", default="", help="noise severities, e.g. 1,3,5 (0 is clean)")
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="also write the report here")
-def evaluate_command(run_dir: str, split: str, subsets: str, noise: str, checkpoint: str, json_path: str | None) -> int:
+@click.option("--task", "task_label", default=None, metavar="LABEL",
+              help="a run grown by --add-task: evaluate its earlier task LABEL on that task's data")  # fmt: skip
+def evaluate_command(
+    run_dir: str, split: str, subsets: str, noise: str, checkpoint: str, json_path: str | None, task_label: str | None
+) -> int:
     from modalmoe.evaluate.runner import evaluate
     from modalmoe.io import atomic_write_text
-    from modalmoe.train.trainer import experiment_task, load_run_model, read_run_config
+    from modalmoe.lifelong.tasks import task_data
+    from modalmoe.train.trainer import load_run_model, read_run_config
 
     levels = _levels(noise)
     config = read_run_config(run_dir)
-    task = experiment_task(config)
+    task = task_data(config, task_label)
     model = load_run_model(run_dir, which=checkpoint)
     report = evaluate(
         model,
         task.splits[split],
-        kind=model.head.kind,
         subsets=subsets == "all",
         noise_levels=levels,
         train_scale=task.train,
+        task=task_label,
     )
     report.print(console)
-    payload = json.dumps({"run": str(run_dir), "split": split, "checkpoint": checkpoint, **report.to_dict()}, indent=2)
-    atomic_write_text(Path(json_path) if json_path else Path(run_dir) / f"eval-{split}.json", payload)
+    extra = {"task": task_label} if task_label else {}
+    payload = json.dumps(
+        {"run": str(run_dir), "split": split, "checkpoint": checkpoint, **extra, **report.to_dict()}, indent=2
+    )
+    name = f"eval-{split}" + (f"-{task_label}" if task_label else "")
+    atomic_write_text(Path(json_path) if json_path else Path(run_dir) / f"{name}.json", payload)
     return 0
 
 

@@ -157,6 +157,25 @@ class HeadConfig(_Strict):
     embed_dim: int | None = Field(None, ge=1)
 
 
+class TaskHeadConfig(_Strict):
+    """One task of a model that learned a sequence of tasks (``modalmoe.lifelong``).
+
+    Attributes:
+        name: the task's label (``--add-task LABEL``), unique in the model.
+        kind: its head's kind.
+        outputs: its classes, labels or regression targets.
+        data: the bundled task whose data it learned (``modalmoe eval RUN --task LABEL``
+            evaluates it there); None when unknown (a model grown in memory).
+        data_options: that task's options.
+    """
+
+    name: str = Field(min_length=1)
+    kind: Literal["classification", "multilabel", "regression"] = "classification"
+    outputs: int = Field(ge=1)
+    data: str | None = None
+    data_options: dict[str, Any] = Field(default_factory=dict)
+
+
 class TokenReductionConfig(_Strict):
     """Token reduction for long modalities (``modalmoe.efficiency.tokens``): after chosen
     trunk blocks, each modality keeps a fraction of its tokens, so later blocks run on fewer.
@@ -253,6 +272,9 @@ class ModelConfig(_Strict):
             before it existed still match.
         quantization: the weights' post-training quantization (``QuantizationConfig``);
             omitted from dumps while ``none``, like ``token_reduction``.
+        tasks: the tasks of a model grown by ``add_task`` (``modalmoe.lifelong.tasks``), in the
+            order learned; the last is the one trained now (``head``), the earlier ones keep
+            their heads in ``task_heads``. Empty (and left out of dumps) for a one-task model.
     """
 
     dim: int = Field(64, ge=1)
@@ -268,6 +290,17 @@ class ModelConfig(_Strict):
     head: HeadConfig = Field(default_factory=HeadConfig)
     token_reduction: TokenReductionConfig = Field(default_factory=TokenReductionConfig)
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    tasks: list[TaskHeadConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _task_names_unique(self) -> ModelConfig:
+        names = [t.name for t in self.tasks]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"model.tasks names {twice} more than once; each task needs its own label")
+        if len(self.tasks) == 1:
+            raise ValueError("model.tasks lists one task; it lists every task of a grown model (two or more) or none")
+        return self
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:
@@ -308,6 +341,8 @@ class ModelConfig(_Strict):
             data.pop("token_reduction", None)  # older configs and checkpoints have no such key
         if isinstance(data, dict) and self.quantization.method == "none":
             data.pop("quantization", None)
+        if isinstance(data, dict) and not self.tasks:
+            data.pop("tasks", None)
         return data
 
 
@@ -401,28 +436,53 @@ class LoRAConfig(_Strict):
 
 
 class GrowConfig(_Strict):
-    """Continue a run with more modalities and experts (``modalmoe.lifelong``): set by
-    ``modalmoe train --continue-from RUN --add-modality NAME`` (``lifelong.grow_config``),
+    """Continue a run with a new modality or a new task and more experts
+    (``modalmoe.lifelong``): set by ``modalmoe train --continue-from RUN --add-modality NAME``
+    (``lifelong.grow_config``) or ``--add-task LABEL`` (``lifelong.grow_task_config``),
     together with ``train.init_from`` (the run) and the grown ``model``.
 
     Attributes:
         modalities: the modalities added to the run's (appended to ``modalities``).
-        experts: experts added per MoE layer for each added modality, reserved for it
-            (``model.moe.router_options.reserved``); 0 adds none.
+        task: the label of the task added (``model.tasks``' last entry): the run's task
+            becomes an earlier one with its own head, this run trains a new head on the
+            experiment's ``task``. One of ``modalities`` and ``task`` is set.
+        experts: experts added per MoE layer for each added modality or the added task,
+            reserved for it (``model.moe.router_options.reserved`` / ``reserved_tasks``); 0
+            adds none.
         freeze: what of the run stays fixed: ``experts`` (the run's experts, shared experts
             and router rows), ``old`` (every tensor that came from the run; grown tensors keep
-            their old slices), ``none`` (naive fine-tuning).
+            their old slices), ``none`` (naive fine-tuning). Earlier tasks' heads are never
+            used by the new task's loss, and always stay fixed.
         ewc: Elastic Weight Consolidation strength lambda (Kirkpatrick et al. 2017): adds
             ``lambda / 2 * sum F (theta - theta*)^2`` over the run's tensors, with the diagonal
             Fisher F from the run's own task and modalities; 0 turns it off.
         fisher_samples: training samples of the run's task the Fisher is averaged over.
     """
 
-    modalities: list[str] = Field(min_length=1)
+    modalities: list[str] = Field(default_factory=list)
+    task: str | None = Field(None, min_length=1)
     experts: int = Field(0, ge=0)
     freeze: Literal["experts", "old", "none"] = "experts"
     ewc: float = Field(0.0, ge=0.0)
     fisher_samples: int = Field(512, ge=1)
+
+    @model_validator(mode="after")
+    def _one_addition(self) -> GrowConfig:
+        if bool(self.modalities) == (self.task is not None):
+            raise ValueError(
+                "train.grow adds either modalities or one task: set train.grow.modalities or train.grow.task"
+                + (", not both" if self.modalities else "")
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler):
+        data = handler(self)
+        if isinstance(data, dict) and self.task is None:
+            data.pop("task", None)  # runs grown by a modality before tasks existed keep their config
+        if isinstance(data, dict) and not self.modalities:
+            data.pop("modalities", None)
+        return data
 
 
 class TrainConfig(_Strict):

@@ -2,7 +2,8 @@
 difference from the best dense baseline (Holm-adjusted p-value, significance marked),
 robustness, and cost; written as a terminal table, ``leaderboard.md``, ``results.csv`` and
 Pareto plots (metric against active FLOPs and against batch-1 latency). Lifelong protocols
-add a "Lifelong" table each (forgetting and gain per method, ``bench/lifelong.py``).
+add a "Lifelong" table each (forgetting and gain per method, ``bench/lifelong.py``), task
+sequences a "Task sequences" table each (``bench/sequence.py``).
 """
 
 from __future__ import annotations
@@ -264,15 +265,18 @@ def pareto_plots(boards: dict, out: Path) -> list[Path]:
 def write_outputs(out: Path, records: list[dict], suite, *, console: Console | None = None) -> dict:
     """leaderboard.md, results.csv, Pareto PNGs; prints the leaderboard."""
     from modalmoe.bench.lifelong import lifelong_markdown, print_lifelong
+    from modalmoe.bench.sequence import print_sequences, sequence_markdown
 
     boards = leaderboards(records)
     env = next((r.get("environment") for r in records if r.get("environment")), None)
-    atomic_write_text(out / "leaderboard.md", markdown(boards, suite.name, env) + lifelong_markdown(records, suite))
+    text = markdown(boards, suite.name, env) + lifelong_markdown(records, suite) + sequence_markdown(records, suite)
+    atomic_write_text(out / "leaderboard.md", text)
     ResultsStore(out).write_csv()
     pareto_plots(boards, out)
     if console is not None:
         print_boards(boards, console)
         print_lifelong(records, console, suite)
+        print_sequences(records, console, suite)
     return boards
 
 

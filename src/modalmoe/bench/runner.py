@@ -5,8 +5,9 @@ width so its cost matches the task's budget (``bench/compute.py``); train it
 (``modalmoe.train.Trainer``, run directory kept under ``runs/``); evaluate the best
 checkpoint on the test split with the suite's robustness axes; measure FLOPs, parameters,
 latency at batch 1 and 64 and peak inference memory; append one record to the store.
-The suite's lifelong protocols add their cells after these (``bench/lifelong.py``); a cell
-that ``needs`` another starts once that one has finished.
+The suite's lifelong protocols and task sequences add their cells after these
+(``bench/lifelong.py``, ``bench/sequence.py``); a cell that ``needs`` another starts once
+that one has finished.
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ def plan_cells(suite: SuiteConfig) -> list[Cell]:
         from modalmoe.bench.lifelong import plan_lifelong
 
         cells += plan_lifelong(suite)
+    if suite.sequences:
+        from modalmoe.bench.sequence import plan_sequences
+
+        cells += plan_sequences(suite)
     return cells
 
 
@@ -105,10 +110,6 @@ def _fit_sample(train, size: int = 512):
     return train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:size].sort().values)
 
 
-def _outputs(train) -> int:
-    return train.num_classes if train.task_type == "classification" else 1
-
-
 def _cost_batch(task, size: int = 64):
     return task.test.batch(torch.arange(min(size, len(task.test))))
 
@@ -120,6 +121,7 @@ def budgets(suite: SuiteConfig, out: Path) -> dict[str, float]:
     if suite.match == "none":
         return {}
     from modalmoe.bench.compute import reference_budget
+    from modalmoe.train.trainer import head_outputs
 
     for task_file in suite.tasks:
         if task_file in cached:
@@ -131,7 +133,7 @@ def budgets(suite: SuiteConfig, out: Path) -> dict[str, float]:
             task.specs,
             _cost_batch(task),
             task_type=task.train.task_type,
-            outputs=_outputs(task.train),
+            outputs=head_outputs(task.train),
             mode=suite.match,
             fit_data=_fit_sample(task.train),
         )
@@ -159,15 +161,19 @@ def run_cell(cell: Cell, suite_json: dict, budget: float | None, out: str, threa
 
 def _run_cell(cell: Cell, suite: SuiteConfig, budget: float | None, out: Path) -> dict:
     from modalmoe.bench.lifelong import LifelongCell, run_lifelong_cell
+    from modalmoe.bench.sequence import SequenceCell, run_sequence_cell
     from modalmoe.data.batch import Task
 
     if isinstance(cell, LifelongCell):
         return run_lifelong_cell(cell, suite, out)
+    if isinstance(cell, SequenceCell):
+        return run_sequence_cell(cell, suite, out)
     task = suite_task(suite, cell.task)
     if cell.design == LOGREG:
         return _logistic_regression(task, cell.seed)
     from modalmoe.bench.compute import match_compute
     from modalmoe.data.corrupt import imbalance
+    from modalmoe.train.trainer import head_outputs
 
     cfg = cell_config(suite, cell.task, cell.design, cell.seed)
     matched = None
@@ -177,7 +183,7 @@ def _run_cell(cell: Cell, suite: SuiteConfig, budget: float | None, out: Path) -
             task.specs,
             _cost_batch(task, 16),
             task_type=task.train.task_type,
-            outputs=_outputs(task.train),
+            outputs=head_outputs(task.train),
             budget=budget,
             mode=suite.match,
             tolerance=suite.tolerance,

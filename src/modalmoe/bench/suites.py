@@ -6,13 +6,14 @@ the compute-matching rule (every design solved to the reference design's FLOPs o
 parameters per sample), overrides for all cells or per task, optional per-split sample
 limits (for quick suites), and the robustness axes evaluated on every cell. Its ``lifelong``
 protocols (``LifelongProtocol``) add cells that train on some modalities, then grow the run
-by others with each continual-learning method (``bench/lifelong.py``).
+by others with each continual-learning method (``bench/lifelong.py``); its ``sequences``
+(``TaskSequenceProtocol``) learn tasks one after another (``bench/sequence.py``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -163,6 +164,73 @@ class LifelongProtocol(_Strict):
         return f"{self.label}:{method}"
 
 
+class SequenceTask(_Strict):
+    """One task of a task sequence: the protocol's task file with these options.
+
+    Attributes:
+        label: the task's label in the grown model (``model.tasks``).
+        options: ``task_options`` over the task file's (``synthetic``: ``seed``, ``mode``,
+            ``num_classes``, ...).
+    """
+
+    label: str = Field(min_length=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class TaskSequenceProtocol(_Strict):
+    """Learn tasks one after another (issue 10, ``bench/sequence.py``): the first task trains
+    ``<task>/<design>`` once per seed; each later task continues the previous stage's run of
+    the same method with a new head and the method's new experts (``lifelong.tasks``). Every
+    stage is a cell that evaluates every task learned so far on its own test split; with
+    ``scratch``, each later task is also trained alone, the reference of forward transfer.
+
+    Attributes:
+        task: a preset task file (its ``task_options`` are the base of every step's).
+        design: a preset design (growing experts needs the ``token_choice`` router).
+        sequence: the tasks, in order (two or more).
+        methods: method name -> ``LifelongMethod``.
+        scratch: train each later task alone too (forward transfer).
+        overrides: ``key=value`` for every run of the protocol, after the suite's.
+    """
+
+    task: str
+    design: str
+    sequence: list[SequenceTask] = Field(min_length=2)
+    methods: dict[str, LifelongMethod] = Field(min_length=1)
+    scratch: bool = True
+    overrides: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _complete(self) -> TaskSequenceProtocol:
+        labels = self.labels
+        bad = [x for x in [*labels, *self.methods] if any(c in x for c in ":>/+ ")]
+        if bad or len(set(labels)) < len(labels):
+            raise ValueError(
+                f"sequence labels {labels} must be distinct, and labels and method names free of ':', '>', '/', '+' "
+                f"and spaces (got {bad})"
+            )
+        return self
+
+    @property
+    def labels(self) -> list[str]:
+        return [t.label for t in self.sequence]
+
+    @property
+    def label(self) -> str:
+        """The protocol: ``token-choice:t1>t2>t3``."""
+        return f"{self.design}:{'>'.join(self.labels)}"
+
+    def alone_label(self, step: int) -> str:
+        """The design label of step ``step``'s task trained alone (step 0: the first stage)."""
+        return f"{self.design}:{self.labels[step]}"
+
+    def stage_label(self, step: int, method: str) -> str:
+        """The design label of the stage that learned tasks ``0..step`` by ``method``."""
+        if step == 0:
+            return self.alone_label(0)
+        return f"{self.design}:{'>'.join(self.labels[: step + 1])}:{method}"
+
+
 class SuiteConfig(_Strict):
     """A benchmark suite.
 
@@ -199,25 +267,30 @@ class SuiteConfig(_Strict):
     robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
     compress: list[CompressConfig] = Field(default_factory=list)
     lifelong: list[LifelongProtocol] = Field(default_factory=list)
+    sequences: list[TaskSequenceProtocol] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _known_parts(self) -> SuiteConfig:
-        if bool(self.tasks) != bool(self.designs) or not (self.tasks or self.lifelong):
+        if bool(self.tasks) != bool(self.designs) or not (self.tasks or self.lifelong or self.sequences):
             raise ValueError(
-                "a suite needs both tasks and designs (cells task x design x seed), or lifelong protocols, or both; "
-                f"got tasks {self.tasks}, designs {self.designs}, {len(self.lifelong)} lifelong protocols"
+                "a suite needs both tasks and designs (cells task x design x seed), or lifelong protocols or task "
+                f"sequences, or several of these; got tasks {self.tasks}, designs {self.designs}, "
+                f"{len(self.lifelong)} lifelong protocols, {len(self.sequences)} task sequences"
             )
         known_tasks, known_designs = task_files(), [*design_names(), LOGREG]
-        lifelong_tasks = [p.task for p in self.lifelong]
+        lifelong_tasks = [p.task for p in [*self.lifelong, *self.sequences]]
         for what, names, known in (
             ("task", [*self.tasks, *lifelong_tasks], known_tasks),
-            ("design", [*self.designs, *(p.design for p in self.lifelong)], known_designs),
+            ("design", [*self.designs, *(p.design for p in [*self.lifelong, *self.sequences])], known_designs),
         ):
             unknown = [n for n in names if n not in known]
             if unknown:
                 raise ValueError(f"unknown {what}s {unknown}; known: {', '.join(known)}")
-        if LOGREG in [p.design for p in self.lifelong]:
+        if LOGREG in [p.design for p in [*self.lifelong, *self.sequences]]:
             raise ValueError(f"a lifelong protocol needs a trained design, not {LOGREG!r}")
+        sequence_labels = [(p.task, p.label) for p in self.sequences]
+        if len(set(sequence_labels)) < len(sequence_labels):
+            raise ValueError(f"task sequences {sequence_labels} are listed twice")
         stage1, labels = {}, set()
         for p in self.lifelong:
             key = (p.task, p.stage1_label)

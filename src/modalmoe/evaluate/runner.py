@@ -196,6 +196,7 @@ def predict(
     *,
     batch_size: int = 256,
     modalities: Sequence[str] | None = None,
+    task: str | None = None,
 ) -> Predictions:
     """The model's outputs over a dataset, in eval mode without gradients.
 
@@ -207,6 +208,7 @@ def predict(
         dataset: the split.
         batch_size: samples per forward pass.
         modalities: predict from these modalities only (None: all the model's).
+        task: an earlier task of a model grown by ``add_task`` (None: the current one).
 
     Returns:
         The ``Predictions``, on CPU.
@@ -227,7 +229,7 @@ def predict(
         with torch.no_grad():
             for start in range(0, len(index), batch_size):
                 batch = dataset.batch(index[start : start + batch_size]).to(device)
-                out = model(batch, modalities=names)
+                out = model(batch, modalities=names, task=task)
                 present.append(model.presence(batch, names).cpu())
                 if out.logits is not None:
                     logits.append(out.logits.cpu())
@@ -259,6 +261,7 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 256,
     ks: Sequence[int] = (1, 5, 10),
+    task: str | None = None,
 ) -> EvalReport:
     """Evaluate a model on a split.
 
@@ -286,21 +289,24 @@ def evaluate(
         seed: noise seed.
         batch_size: samples per forward pass.
         ks: recall cut-offs for retrieval.
+        task: for a model grown by ``add_task``, the task to evaluate (its head and routing;
+            ``dataset`` must be that task's data); None: the current task.
 
     Returns:
         The ``EvalReport``.
     """
-    if kind is None and model.head is not None:
-        kind = model.head.kind
+    head = model.head if task is None else model.task_head(task)[0]
+    if kind is None and head is not None:
+        kind = head.kind
     metric, mode = PRIMARY[kind] if kind is not None else (None, None)
-    full = predict(model, dataset, batch_size=batch_size)
+    full = predict(model, dataset, batch_size=batch_size, task=task)
     report = EvalReport(kind, metric, mode, model.modalities, len(full), _metrics(full, kind))
     if subsets:
         for subset in modality_subsets(model.modalities):
             pred = (
                 full
                 if list(subset) == model.modalities
-                else predict(model, dataset, batch_size=batch_size, modalities=subset)
+                else predict(model, dataset, batch_size=batch_size, modalities=subset, task=task)
             )
             report.subsets.append(SubsetRow(subset, len(pred), _metrics(pred, kind)))
     levels = sorted(set(noise_levels))
@@ -312,7 +318,7 @@ def evaluate(
                 corrupted = dataset
                 for m in noisy if target == ALL else [target]:
                     corrupted = add_noise(corrupted, m, level, seed=seed, scale=scale[m])
-                pred = predict(model, corrupted, batch_size=batch_size)
+                pred = predict(model, corrupted, batch_size=batch_size, task=task)
                 report.noise.append(NoiseRow(target, level, len(pred), _metrics(pred, kind)))
         if metric is not None and metric in report.metrics:
             report.robustness = _robustness(report, [*noisy, ALL], reference or {})

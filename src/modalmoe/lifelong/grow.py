@@ -46,6 +46,27 @@ class GrowError(ConfigError):
     """A run cannot be grown as asked (an unsupported design, an unknown modality, ...)."""
 
 
+def check_growable(config: ModelConfig, experts: int, *, what: str) -> None:
+    """Raise ``GrowError`` unless a model of ``config`` can take ``experts`` more experts for
+    a new ``what`` (``modality`` or ``task``)."""
+    if experts < 0:
+        raise GrowError(f"experts must be >= 0, got {experts}")
+    moe = config.moe
+    # A new modality changes what the routers see even without new experts; a new task does not.
+    if moe.every and (experts or what == "modality") and moe.router not in SUPPORTED_ROUTERS:
+        raise GrowError(
+            f"growing a model with router {moe.router!r} is not supported; lifelong growth supports "
+            f"{', '.join(SUPPORTED_ROUTERS)} (its reserved experts keep the old {what}'s routing)"
+            + (f"; or add the {what} with experts=0" if what == "task" else "")
+        )
+    if not moe.every and experts:
+        raise GrowError(f"a dense model (model.moe.every=0) has no experts to grow; add the {what} with experts=0")
+    if moe.bank_experts is not None:
+        raise GrowError("a model with merged experts (model.moe.bank_experts) cannot grow; grow the run it came from")
+    if config.quantization.method != "none":
+        raise GrowError("a quantized model cannot grow; grow the float run it was compressed from")
+
+
 def grow_model_config(
     config: ModelConfig,
     modalities: Sequence[str],
@@ -67,25 +88,13 @@ def grow_model_config(
     again = [m for m in add if m in modalities]
     if again:
         raise GrowError(f"the model already has modalities {again} (it has {list(modalities)}); add a new one")
-    if experts < 0:
-        raise GrowError(f"experts must be >= 0, got {experts}")
+    check_growable(config, experts, what="modality")
     moe = config.moe
-    if moe.every and moe.router not in SUPPORTED_ROUTERS:
-        raise GrowError(
-            f"growing a model with router {moe.router!r} is not supported; lifelong growth supports "
-            f"{', '.join(SUPPORTED_ROUTERS)} (its reserved experts keep the old modalities' routing)"
-        )
-    if not moe.every and experts:
-        raise GrowError("a dense model (model.moe.every=0) has no experts to grow; add the modality with experts=0")
-    if moe.bank_experts is not None:
-        raise GrowError("a model with merged experts (model.moe.bank_experts) cannot grow; grow the run it came from")
     if config.missing.strategy != "mask":
         raise GrowError(
             f"growing needs model.missing.strategy 'mask'; the {config.missing.strategy!r} strategy has tokens per "
             "modality set that would change for the old modalities"
         )
-    if config.quantization.method != "none":
-        raise GrowError("a quantized model cannot grow; grow the float run it was compressed from")
     data = config.model_dump(mode="json")
     for name, encoder in add.items():
         if encoder is not None:
@@ -314,6 +323,8 @@ def freeze_old(model: nn.Module, report, mode: str) -> Growth:
         targets = [name for name in from_run if name in experts]
     else:
         targets = from_run if mode == "old" else []
+    # Earlier tasks' heads (a new task, ``tasks.py``): the new task's loss never reads them.
+    targets += [name for name in from_run if name.startswith("task_heads.") and name not in targets]
     growth = Growth()
     for name in targets:
         param = params[name]

@@ -10,6 +10,9 @@
 ``model(batch, modalities=["audio"])`` predicts as if only those modalities were present,
 for any non-empty subset; a sample left with no modality is a clear error.
 
+``model(batch, task="t1")`` predicts for an earlier task of a model grown by ``add_task``:
+with that task's head and its routing (``model.tasks``; the default is the last task).
+
 ``model(batch, token_masks={"image": hide})`` hides tokens (``hide``: bool [B, N]) behind a
 learned mask token before fusion, for masked modelling; ``out.tokens`` (final token states)
 and ``out.inputs`` (the encoders' outputs) give the predictions and their targets.
@@ -31,6 +34,7 @@ from modalmoe.model.fusion import Fusion, fusions
 from modalmoe.model.heads import EmbeddingHead, Head
 from modalmoe.model.missing import MissingBank, check_some_present, modality_dropout
 from modalmoe.moe.routers import routers
+from modalmoe.moe.routers.token_choice import routing_task
 from modalmoe.moe.types import RoutingRecord
 
 DEFAULT_ENCODER = {"text": "text_learned"}  # other kinds share the kind's name
@@ -85,6 +89,8 @@ class MultimodalModel(nn.Module):
         bank: a ``MissingBank`` (Flex-MoE), or None for the ``mask`` strategy.
         modality_dropout: drop probability per sample and modality in training.
         config: the ``ModelConfig`` it was built from (kept for saving and reports).
+        task_heads: earlier task label -> its head, for a model grown by ``add_task``
+            (``config.tasks``: their labels, then the current task's, whose head is ``head``).
     """
 
     def __init__(
@@ -97,6 +103,7 @@ class MultimodalModel(nn.Module):
         bank: MissingBank | None = None,
         modality_dropout: float = 0.0,
         config: ModelConfig | None = None,
+        task_heads: Mapping[str, Head] | None = None,
     ) -> None:
         super().__init__()
         if list(encoders) != list(fusion.modalities):
@@ -107,6 +114,10 @@ class MultimodalModel(nn.Module):
         self.fusion, self.head, self.embedding_head, self.bank = fusion, head, embedding_head, bank
         self.modality_dropout = modality_dropout
         self.config = config
+        self.task_heads = nn.ModuleDict(task_heads or {})
+        names = [t.name for t in config.tasks] if config is not None else []
+        if list(self.task_heads) != names[:-1]:
+            raise ValueError(f"task heads {list(self.task_heads)} do not match the earlier tasks of {names}")
         # What a hidden token becomes (BERT's [MASK]; MAE inits it like this). Unused, and so
         # without a gradient, in passes without ``token_masks``.
         self.mask_token = nn.Parameter(torch.randn(fusion.dim) * 0.02)
@@ -114,6 +125,42 @@ class MultimodalModel(nn.Module):
     @property
     def modalities(self) -> list[str]:
         return list(self.encoders)
+
+    @property
+    def tasks(self) -> list[str]:
+        """The task labels of a model grown by ``add_task``, in the order learned (the last is
+        the current one); empty for a one-task model."""
+        return [t.name for t in self.config.tasks] if self.config is not None else []
+
+    def add_task(
+        self,
+        name: str,
+        *,
+        outputs: int,
+        kind: str = "classification",
+        experts: int = 0,
+        previous: str = "task0",
+    ) -> MultimodalModel:
+        """A new model that learns task ``name`` with a fresh head of ``outputs`` and
+        ``experts`` more experts per MoE layer reserved for it (``modalmoe.lifelong.tasks``);
+        this model is left unchanged.
+
+        The new model carries this one's trained state; this model's head becomes the head of
+        its task (``previous`` names it when this model has no task labels yet), and, before
+        training, ``new(batch, task=previous)`` predicts exactly as this model does.
+        Freezing the old parts while training it: ``modalmoe.lifelong.grow.freeze_old``, or
+        ``train.grow`` in a run (``modalmoe train --continue-from RUN --add-task LABEL``).
+
+        Args:
+            name: the new task's label.
+            outputs: its classes, labels or regression targets.
+            kind: its head's kind (``classification``, ``multilabel``, ``regression``).
+            experts: experts added per MoE layer, reserved for the new task.
+            previous: the label of this model's own task, when it has none yet.
+        """
+        from modalmoe.lifelong.tasks import grow_task_model  # lifelong builds models: import it late
+
+        return grow_task_model(self, name, outputs=outputs, kind=kind, experts=experts, previous=previous).model
 
     def add_modality(
         self,
@@ -237,12 +284,15 @@ class MultimodalModel(nn.Module):
         *,
         modalities: Iterable[str] | None = None,
         token_masks: Mapping[str, TokenMask] | None = None,
+        task: str | None = None,
     ) -> ModelOutput:
         """Predict for a batch.
 
         Args:
             batch: a ``MultimodalBatch`` on the model's device.
             modalities: use only these modalities (None: all the batch has).
+            task: for a model grown by ``add_task``, the task to predict (its head and its
+                routing); None: the current one (``tasks[-1]``).
             token_masks: modality -> bool [B, N_m] tokens to hide behind the mask token (or a
                 function drawing that mask from the modality's ``Tokens``); see ``hide``.
         """
@@ -254,11 +304,16 @@ class MultimodalModel(nn.Module):
         streams, hidden = (inputs, None) if token_masks is None else self.hide(inputs, token_masks)
         if self.bank is not None:
             streams = self.bank(streams, present)
-        fused = self.fusion(streams)
+        head, index = self.task_head(task)
+        if index is None:
+            fused = self.fusion(streams)
+        else:
+            with routing_task(self.fusion, index):
+                fused = self.fusion(streams)
         weight = fused.present.to(fused.pooled.dtype).unsqueeze(-1)
         vector = (fused.pooled * weight).sum(1) / weight.sum(1).clamp_min(1.0)
         return ModelOutput(
-            logits=None if self.head is None else self.head(vector),
+            logits=None if head is None else head(vector),
             fused=vector,
             pooled=fused.pooled,
             present=fused.present,
@@ -270,6 +325,16 @@ class MultimodalModel(nn.Module):
             hidden=hidden,
         )
 
+    def task_head(self, task: str | None) -> tuple[Head | None, int | None]:
+        """The head and routing task index of a pass for ``task`` (None for the current task)."""
+        names = self.tasks
+        if task is None or (names and task == names[-1]):
+            return self.head, None
+        if task not in names:
+            known = f"its tasks are {names}" if names else "it learned one task (grow it with add_task)"
+            raise ValueError(f"this model has no task {task!r}: {known}")
+        return self.task_heads[task], names.index(task)
+
 
 def moe_arguments(config: ModelConfig, modalities: list[str]) -> dict | None:
     """``build_moe_layer`` arguments from the config (None for a dense model)."""
@@ -280,6 +345,8 @@ def moe_arguments(config: ModelConfig, modalities: list[str]) -> dict | None:
     accepts = inspect.signature(routers.get(moe.router)).parameters
     if "modalities" in accepts and "modalities" not in options:
         options["modalities"] = tuple(modalities)
+    if config.tasks and "tasks" in accepts and "tasks" not in options:
+        options["tasks"] = tuple(t.name for t in config.tasks)
     expert_hidden = moe.expert_hidden or max(1, config.hidden // (moe.k + moe.shared_experts))
     args = dict(
         num_experts=moe.num_experts,
@@ -349,6 +416,12 @@ def build_model(
         if kind != "regression":
             raise ValueError(f"a {kind} head needs `outputs` (the number of classes or labels)")
         outputs = 1
+    if config.tasks and (config.tasks[-1].kind, config.tasks[-1].outputs) != (kind, outputs):
+        current = config.tasks[-1]
+        raise ValueError(
+            f"model.tasks says the current task {current.name!r} has a {current.kind} head with {current.outputs} "
+            f"outputs, but its data needs a {kind} head with {outputs}"
+        )
     model = MultimodalModel(
         encoders=built,
         fusion=fusion,
@@ -361,6 +434,7 @@ def build_model(
         else MissingBank(num_modalities=len(names), dim=config.dim, tokens=config.missing.bank_tokens),
         modality_dropout=config.missing.dropout,
         config=config,
+        task_heads={t.name: Head(kind=t.kind, dim=config.dim, outputs=t.outputs) for t in config.tasks[:-1]},
     )
     if config.quantization.method == "int8":
         from modalmoe.efficiency.quantize import int8_structure  # modalmoe.efficiency imports this package

@@ -104,8 +104,10 @@ def load_matching(model: nn.Module, saved: dict[str, Any], path: Path, *, grow: 
     if grow:
         from modalmoe.lifelong.state import expert_dims as find_expert_dims
         from modalmoe.lifelong.state import grow_tensor
+        from modalmoe.lifelong.tasks import head_state
 
         expert_dims = find_expert_dims(model)
+        saved = head_state(model, saved)  # a new task: the run's head is its own task's
     state: dict[str, Any] = {}
     for name, value in own.items():
         if name not in saved:

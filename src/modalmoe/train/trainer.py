@@ -120,9 +120,9 @@ class Trainer:
 
         seed_everything(self.config.train.seed)
         train = self.task.train
-        model = build_model(self.config.model, self.task.specs, task_type=train.task_type, outputs=_outputs(train)).fit(
-            train
-        )
+        model = build_model(
+            self.config.model, self.task.specs, task_type=train.task_type, outputs=head_outputs(train)
+        ).fit(train)
         cfg = self.config.train
         self.init_report = None
         if cfg.init_from is not None:  # after fit: the run's encoder statistics and tokenizers win
@@ -388,7 +388,8 @@ class Trainer:
         return TrainResult(self.out, progress["step"], progress["epoch"], best, test, progress["stopped_early"])
 
 
-def _outputs(dataset) -> int | None:
+def head_outputs(dataset) -> int | None:
+    """The prediction head's outputs for a training split: its classes, or its targets."""
     if dataset.task_type == "classification":
         return dataset.num_classes
     return 1 if dataset.target.dim() == 1 else dataset.target.shape[1]
@@ -411,7 +412,7 @@ def write_task_info(run_dir: Path, task) -> None:
     info = {
         "task": task.name,
         "task_type": train.task_type,
-        "outputs": _outputs(train),
+        "outputs": head_outputs(train),
         "classes": list(train.classes) if train.classes is not None else None,
         "specs": {name: dataclasses.asdict(spec) for name, spec in task.specs.items()},
     }
