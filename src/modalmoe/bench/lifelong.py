@@ -296,33 +296,44 @@ def _title(task: str, protocol: str, rows: list[dict]) -> str:
 
 def lifelong_markdown(records: list[dict], suite: SuiteConfig | None = None) -> str:
     """The leaderboard's "Lifelong" section (empty without lifelong records)."""
-    tables = lifelong_tables(records, suite)
-    if not tables:
-        return ""
-    lines = [
-        "",
-        "## Lifelong",
-        "",
+    intro = (
         "Stage 1 trains on the first modalities; stage 2 grows that run (the same seed) by the added ones "
         "with each method. Test split, mean ± std over seeds. old before / old after: the metric with only "
         "the old modalities, from the stage-1 model and from the grown one; forgetting: old before − old after "
         "(after − before for a lower-is-better metric); all after: with every modality; new only: with only the "
-        "added ones; gain: all after − old before.",
-        "",
-    ]
+        "added ones; gain: all after − old before."
+    )
+    return methods_markdown("Lifelong", intro, lifelong_tables(records, suite), HEADER, _cells, _title)
+
+
+def print_lifelong(records: list[dict], console: Console, suite: SuiteConfig | None = None) -> None:
+    print_methods(console, "lifelong", lifelong_tables(records, suite), HEADER, _cells, _title)
+
+
+# --- per-method tables, shared with bench/sequence.py ---------------------------------------
+
+
+def methods_markdown(heading: str, intro: str, tables: dict, header: list[str], cells, title) -> str:
+    """A leaderboard section: ``## heading``, ``intro``, then per (task, protocol) of
+    ``tables`` a ``###`` title and one row per method (``cells(row)``; columns 2 and 3 left
+    aligned, the others right). Empty without tables."""
+    if not tables:
+        return ""
+    lines = ["", f"## {heading}", "", intro, ""]
     for (task, protocol), rows in tables.items():
-        lines += [f"### {_title(task, protocol, rows)}", ""]
-        lines += ["| " + " | ".join(HEADER) + " |", "|---|---:|---|---:|" + "---:|" * (len(HEADER) - 4)]
-        lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
+        lines += [f"### {title(task, protocol, rows)}", ""]
+        lines += ["| " + " | ".join(header) + " |", "|---|---:|---|---:|" + "---:|" * (len(header) - 4)]
+        lines += ["| " + " | ".join(cells(row)) + " |" for row in rows]
         lines.append("")
     return "\n".join(lines)
 
 
-def print_lifelong(records: list[dict], console: Console, suite: SuiteConfig | None = None) -> None:
-    for (task, protocol), rows in lifelong_tables(records, suite).items():
-        table = Table(title=f"lifelong {_title(task, protocol, rows)}", title_justify="left")
-        for i, name in enumerate(HEADER):
+def print_methods(console: Console, prefix: str, tables: dict, header: list[str], cells, title) -> None:
+    """``methods_markdown``'s tables in the terminal."""
+    for (task, protocol), rows in tables.items():
+        table = Table(title=f"{prefix} {title(task, protocol, rows)}", title_justify="left")
+        for i, name in enumerate(header):
             table.add_column(name, justify="left" if i in (0, 2) else "right", no_wrap=True)
         for row in rows:
-            table.add_row(*_cells(row))
+            table.add_row(*cells(row))
         console.print(table)

@@ -34,9 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
-from modalmoe.bench.lifelong import LifelongError, mean_std
+from modalmoe.bench.lifelong import LifelongError, mean_std, methods_markdown, print_methods
 from modalmoe.bench.suites import SuiteConfig, TaskSequenceProtocol
 
 SCALED = ("accuracy", "macro_f1", "auroc")  # shown in points
@@ -298,33 +297,15 @@ def _title(task: str, protocol: str, rows: list[dict]) -> str:
 
 def sequence_markdown(records: list[dict], suite: SuiteConfig | None = None) -> str:
     """The leaderboard's "Task sequences" section (empty without such records)."""
-    tables = sequence_tables(records, suite)
-    if not tables:
-        return ""
-    lines = [
-        "",
-        "## Task sequences",
-        "",
+    intro = (
         "Tasks learned one after another, each with its own head (and the method's new experts, reserved for it); "
         "the first stage is shared by the methods of a seed. Test split of each task, mean ± std over seeds. "
         "final: the mean over all tasks after the last; forgetting: the mean over earlier tasks of (right after "
         "learning it − after the last task); forward transfer: the mean over later tasks of (right after learning "
-        "it in the sequence − trained alone); alone: every task trained alone.",
-        "",
-    ]
-    for (task, protocol), rows in tables.items():
-        lines += [f"### {_title(task, protocol, rows)}", ""]
-        lines += ["| " + " | ".join(HEADER) + " |", "|---|---:|---|---:|" + "---:|" * (len(HEADER) - 4)]
-        lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
-        lines.append("")
-    return "\n".join(lines)
+        "it in the sequence − trained alone); alone: every task trained alone."
+    )
+    return methods_markdown("Task sequences", intro, sequence_tables(records, suite), HEADER, _cells, _title)
 
 
 def print_sequences(records: list[dict], console: Console, suite: SuiteConfig | None = None) -> None:
-    for (task, protocol), rows in sequence_tables(records, suite).items():
-        table = Table(title=f"task sequence {_title(task, protocol, rows)}", title_justify="left")
-        for i, name in enumerate(HEADER):
-            table.add_column(name, justify="left" if i in (0, 2) else "right", no_wrap=True)
-        for row in rows:
-            table.add_row(*_cells(row))
-        console.print(table)
+    print_methods(console, "task sequence", sequence_tables(records, suite), HEADER, _cells, _title)

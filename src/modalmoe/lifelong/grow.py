@@ -201,12 +201,18 @@ def continue_run(
 ) -> ExperimentConfig:
     """``grow_config`` for run directory ``run_dir`` (its config and best checkpoint are
     checked first), then ``--set`` style ``overrides`` on the grown experiment."""
+    return continue_with(grow_config, run_dir, overrides, add_modalities=add_modalities, **options)
+
+
+def continue_with(grow, run_dir: str | Path, overrides: Sequence[str], **options) -> ExperimentConfig:
+    """``grow(read_run_config(run_dir), run_dir=run_dir, **options)`` once ``run_dir`` is
+    checked to be a finished run, then ``--set`` style ``overrides`` on the result."""
     from modalmoe.config import apply_overrides
     from modalmoe.train.init import run_checkpoint
     from modalmoe.train.trainer import read_run_config
 
     run_checkpoint(run_dir)  # a clear error when run_dir is not a finished run
-    grown = grow_config(read_run_config(run_dir), run_dir=run_dir, add_modalities=add_modalities, **options)
+    grown = grow(read_run_config(run_dir), run_dir=run_dir, **options)
     if not overrides:
         return grown
     data = apply_overrides(grown.model_dump(mode="json"), overrides)

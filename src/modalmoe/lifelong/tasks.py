@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from modalmoe.config import ExperimentConfig, ModelConfig, TaskHeadConfig, validate
-from modalmoe.lifelong.grow import FREEZE, GrowError, GrowResult, check_growable
+from modalmoe.lifelong.grow import FREEZE, GrowError, GrowResult, check_growable, continue_with
 
 
 def grow_task_model_config(
@@ -216,16 +216,7 @@ def grow_task_config(
 def continue_task(run_dir: str | Path, *, label: str, overrides: Sequence[str] = (), **options) -> ExperimentConfig:
     """``grow_task_config`` for run directory ``run_dir`` (its config and best checkpoint are
     checked first), then ``--set`` style ``overrides`` on the grown experiment."""
-    from modalmoe.config import apply_overrides
-    from modalmoe.train.init import run_checkpoint
-    from modalmoe.train.trainer import read_run_config
-
-    run_checkpoint(run_dir)  # a clear error when run_dir is not a finished run
-    grown = grow_task_config(read_run_config(run_dir), run_dir=run_dir, label=label, **options)
-    if not overrides:
-        return grown
-    data = apply_overrides(grown.model_dump(mode="json"), overrides)
-    return validate(data, ExperimentConfig, source=f"for the run grown from {str(run_dir)!r}")
+    return continue_with(grow_task_config, run_dir, overrides, label=label, **options)
 
 
 def task_data(config: ExperimentConfig, label: str | None = None):
