@@ -3,6 +3,13 @@
     python benchmarks/token_reduction.py --runs runs/designs/av-digits/token-choice-s{0,1,2}
     python benchmarks/token_reduction.py --runs runs/designs/av-digits/dense-early-s{0,1,2} \\
         --methods merge --layers -1 before,0 --keeps image=0.75,audio=0.5 audio=0.5
+    python benchmarks/token_reduction.py --runs runs/designs/av-digits/token-choice-s{0,1,2} \\
+        --trained runs/designs/av-digits-tome/token-choice-s{0,1,2}
+
+With ``--trained``, the runs there were trained with token reduction on (their config's
+``model.token_reduction``, as ToMe trains with merging); each is compared as it is with the
+``--runs`` run in the same position (the same preset and seed, trained without), and one
+table gives both accuracies, the FLOPs ratio and the paired change.
 
 For every run it loads the best checkpoint (``modalmoe.train.load_run_model``), switches
 token reduction on with ``modalmoe.efficiency.tokens.apply_token_reduction`` (training-free)
@@ -91,6 +98,45 @@ def run_one(job: tuple) -> dict:
     return {"run": str(run_dir), "preset": config.name or Path(run_dir).name, "results": results}
 
 
+def run_as_is(job: tuple) -> dict:
+    """One run with the token reduction it was trained with (none for a plain run)."""
+    import torch
+
+    torch.set_num_threads(1)
+    from modalmoe.efficiency import measure_cost
+    from modalmoe.evaluate.runner import evaluate
+    from modalmoe.train import load_run_model
+    from modalmoe.train.trainer import experiment_task, read_run_config
+
+    run_dir, flops_samples, batch_size = job
+    config = read_run_config(run_dir)
+    task, model = experiment_task(config), load_run_model(run_dir)
+    samples = range(min(flops_samples, len(task.test)))
+    flops = sum(measure_cost(model, task.test.batch([i])).flops for i in samples) / len(samples)
+    accuracy = evaluate(model, task.test, subsets=False, batch_size=batch_size).metrics["accuracy"]
+    reduction = config.model.token_reduction
+    setting = "none" if reduction.method == "none" else f"{reduction.method} {reduction.keep} after {reduction.layers}"
+    return {"run": str(run_dir), "seed": config.train.seed, "setting": setting, "accuracy": accuracy, "flops": flops}
+
+
+def trained_table(base: list[dict], reduced: list[dict]) -> str:
+    """Runs trained with token reduction against the same presets and seeds trained without."""
+    lines = [
+        "| seed | trained with | accuracy without (%) | accuracy with (%) | Δ (pts) | FLOPs with / without |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    deltas, ratios = [], []
+    for a, b in zip(base, reduced, strict=True):
+        deltas.append(100 * (b["accuracy"] - a["accuracy"]))
+        ratios.append(b["flops"] / a["flops"])
+        lines.append(
+            f"| {b['seed']} | {b['setting']} | {100 * a['accuracy']:.1f} | {100 * b['accuracy']:.1f} | "
+            f"{deltas[-1]:+.1f} | {ratios[-1]:.3f} |"
+        )
+    lines.append(f"| all | | | | {spread(deltas, signed=True)} | {statistics.mean(ratios):.3f} |")
+    return "\n".join(lines)
+
+
 def table(preset: str, runs: list[dict]) -> str:
     base_acc = [r["results"][("none", "", "1.0")]["accuracy"] for r in runs]
     base_flops = statistics.mean(r["results"][("none", "", "1.0")]["flops"] for r in runs)
@@ -131,10 +177,20 @@ def main() -> int:
     parser.add_argument("--flops-batch", action="store_true", help="measure FLOPs on one padded batch")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--jobs", type=int, default=1, help="runs evaluated in parallel (one thread each)")
+    parser.add_argument("--trained", nargs="+", default=None,
+                        help="runs trained with token reduction, paired in order with --runs")  # fmt: skip
     args = parser.parse_args()
-    for run in args.runs:
+    for run in [*args.runs, *(args.trained or [])]:
         if not (Path(run) / "config.yaml").is_file():
             parser.error(f"{run!r} is not a run directory (no config.yaml); train one with `modalmoe train`")
+    if args.trained is not None:
+        if len(args.trained) != len(args.runs):
+            parser.error(f"--trained lists {len(args.trained)} runs, --runs {len(args.runs)}: pair them one to one")
+        jobs = [(run, args.flops_samples, args.batch_size) for run in [*args.runs, *args.trained]]
+        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            done = list(pool.map(run_as_is, jobs))
+        print(trained_table(done[: len(args.runs)], done[len(args.runs) :]))
+        return 0
     for text in args.keeps:
         parse_keep(text)  # fail before any work on a malformed keep
     jobs = [
