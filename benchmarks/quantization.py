@@ -3,6 +3,7 @@
     python benchmarks/quantization.py --kernels
     python benchmarks/quantization.py --runs runs/designs/av-digits/token-choice-s0 RUN_DIR ...
     python benchmarks/quantization.py --widths 64 128 256 512 --preset av-digits/token-choice
+    python benchmarks/quantization.py --layers runs/designs/av-digits/token-choice-s0
 
 ``--kernels``: ``[M, K] @ [K, N]`` in float32 (``addmm``) against the int8 candidates
 (``torch._int_mm`` on rows quantized per row, fbgemm's ``quantized.linear_dynamic``, and
@@ -10,7 +11,11 @@ the weight-only ``_weight_int8pack_mm``), medians of interleaved runs, time rela
 float32 and relative error. ``--runs``: each trained run's test accuracy in float32 and
 int8 (``quantize_int8``) and the inference time ratio at batch 64, interleaved in one
 process. ``--widths``: the time ratio only, on a preset rebuilt at other widths with random
-weights (no accuracy: untrained), to show where int8 starts to pay.
+weights (no accuracy: untrained), to show where int8 starts to pay. ``--layers``: every layer
+that quantization replaces, timed in float32 and in int8 on the inputs it gets in one forward
+pass at the batch size, against the whole model's time: since every other operation is the
+same in both models, the model's speed-up is at most what these layers' times allow
+(``bound``), and no more than ``1 / (1 - share)`` even if they took no time at all.
 
 Ratios are fp32 time / int8 time (> 1: int8 is faster). Threads: ``--threads`` (default 1).
 """
@@ -119,11 +124,63 @@ def widths(preset: str, dims: list[int], repeats: int, batch_size: int) -> None:
         print(f"| {dim} | {2 * dim} | {t['fp32'] / t['int8']:.2f}x |")
 
 
+def layers(path: str, repeats: int, batch_size: int) -> None:
+    from modalmoe.efficiency.quantize import Int8ExpertBank, Int8Linear, Int8PatchConv, quantize_int8
+    from modalmoe.train import load_run_model
+    from modalmoe.train.trainer import experiment_task, read_run_config
+
+    task = experiment_task(read_run_config(path))
+    model = load_run_model(path).eval()
+    qmodel = quantize_int8(model)
+    batch = task.test.batch(range(min(batch_size, len(task.test))))
+    floats = dict(model.named_modules())
+    kinds = Int8Linear | Int8PatchConv | Int8ExpertBank
+    # A patch convolution's inner linear is timed with it: keep the modules the float model has.
+    replaced = {n: m for n, m in qmodel.named_modules() if isinstance(m, kinds) and n in floats}
+    inputs: dict[str, tuple] = {}
+    hooks = [
+        floats[name].register_forward_pre_hook(
+            lambda _m, args, kwargs, name=name: inputs.setdefault(name, (args, kwargs)), with_kwargs=True
+        )
+        for name in replaced
+    ]
+    with torch.no_grad():
+        model(batch)
+    for hook in hooks:
+        hook.remove()
+    print(f"| layer | kind | fp32 µs | int8 µs | fp32 / int8 |  ({path}, batch {len(batch)})")
+    print("|---|---|---:|---:|---:|")
+    total_fp32 = total_int8 = 0.0
+    with torch.no_grad():
+        whole = interleaved({"fp32": lambda: model(batch), "int8": lambda: qmodel(batch)}, repeats)
+        for name, qmodule in replaced.items():
+            if name not in inputs:
+                continue  # not reached by this batch
+            args, kwargs = inputs[name]
+            calls = {
+                "fp32": lambda f=floats[name], a=args, k=kwargs: f(*a, **k),
+                "int8": lambda q=qmodule, a=args, k=kwargs: q(*a, **k),
+            }
+            t = interleaved(calls, repeats)
+            total_fp32, total_int8 = total_fp32 + t["fp32"], total_int8 + t["int8"]
+            kind = type(qmodule).__name__
+            print(f"| {name} | {kind} | {1e6 * t['fp32']:.0f} | {1e6 * t['int8']:.0f} | {t['fp32'] / t['int8']:.2f}x |")
+    share = total_fp32 / whole["fp32"]
+    bound = whole["fp32"] / (whole["fp32"] - total_fp32 + total_int8)
+    print(
+        f"\nwhole model: fp32 {1e3 * whole['fp32']:.2f} ms, int8 {1e3 * whole['int8']:.2f} ms, "
+        f"speed-up {whole['fp32'] / whole['int8']:.2f}x; the quantized layers take {100 * share:.1f}% of the fp32 "
+        f"time and run {total_fp32 / total_int8:.2f}x as fast in int8: the speed-up is at most {bound:.2f}x, "
+        f"and at most {1 / (1 - share):.2f}x if they took no time at all"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernels", action="store_true")
     parser.add_argument("--runs", nargs="+", default=[])
     parser.add_argument("--widths", nargs="+", type=int, default=[])
+    parser.add_argument("--layers", default=None, metavar="RUN_DIR", help="per-layer fp32 / int8 times of a run")
     parser.add_argument("--preset", default="av-digits/token-choice")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -136,8 +193,10 @@ def main() -> None:
         runs(args.runs, args.repeats, args.batch_size)
     if args.widths:
         widths(args.preset, args.widths, args.repeats, args.batch_size)
-    if not (args.kernels or args.runs or args.widths):
-        parser.error("give --kernels, --runs RUN_DIR ... or --widths DIM ...")
+    if args.layers:
+        layers(args.layers, args.repeats, args.batch_size)
+    if not (args.kernels or args.runs or args.widths or args.layers):
+        parser.error("give --kernels, --runs RUN_DIR ..., --widths DIM ... or --layers RUN_DIR")
 
 
 if __name__ == "__main__":
