@@ -181,3 +181,19 @@ def test_cli_adds_a_task_evaluates_earlier_tasks_and_refuses_bad_usage(run, tmp_
     assert main(["train", "--continue-from", str(run), "--add-task", "t3", "--task", "mfeat"]) == 2
     with pytest.raises(GrowError, match="already has a task 't2'"):
         continue_task(out, label="t2")
+
+
+def test_a_grown_model_refuses_expert_pruning_but_merges(run):
+    from modalmoe.efficiency.experts import expert_usage, merge_experts, prune_experts
+
+    old = load_run_model(run).eval()
+    grown = old.add_task("t2", outputs=8, experts=EXPERTS, previous="t1")
+    data = experiment_task(read_run_config(run)).valid
+    usage = expert_usage(grown, data)
+    with pytest.raises(ValueError, match="reserves experts.*merge-experts"):
+        prune_experts(grown, keep=4, usage=usage)
+    merged = merge_experts(grown, into=4, usage=usage, data=data)  # the router and its reservations stay
+    batch = data.batch(range(8))
+    with torch.no_grad():
+        picked = torch.cat([r.expert_index.flatten() for r in merged(batch, task="t1").records])
+    assert int(picked.max()) < 4  # t1 still never routes to t2's experts
