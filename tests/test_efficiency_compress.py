@@ -92,6 +92,17 @@ def test_quantize_int8_converts_linears_and_experts_and_leaves_the_original(run,
     assert qcost.params == cost.params and qcost.flops == pytest.approx(cost.flops, rel=0.02)
 
 
+def test_patch_convolutions_stay_float_unless_asked():
+    model = nn.Sequential(nn.Conv2d(16, 64, 7, 7), nn.Flatten(), nn.Linear(256, 64))
+    x = torch.randn(2, 16, 14, 14)
+    default = quantize_int8(model, min_weight=0)
+    assert isinstance(default[0], nn.Conv2d) and isinstance(default[2], Int8Linear)
+    patched = quantize_int8(model, min_weight=0, patch_convs=True)
+    assert isinstance(patched[0], Int8PatchConv)
+    reference = model(x).detach()
+    assert ((patched(x) - reference).norm() / reference.norm()) < 0.03
+
+
 def test_layers_below_min_weight_stay_float(run):
     model = load_run_model(run)
     qmodel = quantize_int8(model, min_weight=10**9)

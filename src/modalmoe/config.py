@@ -251,10 +251,14 @@ class QuantizationConfig(_Strict):
         method: ``none`` or ``int8`` (int8 weights with a scale per output channel, per
             expert for expert banks; activations quantized per row at run time).
         min_weight: layers whose weight has fewer elements stay in float32.
+        patch_convs: also quantize non-overlapping patch convolutions (image and audio
+            patchify). Off by default: measured slower in int8 than mkldnn's float conv
+            (``benchmarks/quantization.py --layers``).
     """
 
     method: Literal["none", "int8"] = "none"
     min_weight: int = Field(8192, ge=0)
+    patch_convs: bool = False
 
 
 class ModelConfig(_Strict):

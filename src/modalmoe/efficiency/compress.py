@@ -39,13 +39,14 @@ def compress_model(model: nn.Module, method: str, *, data=None, **options) -> nn
         data: held-out data for expert usage and output similarity (the validation split).
         options: ``experts`` (prune/merge: experts left per layer), ``by`` (merge:
             ``weights`` or ``outputs``), ``reduction``/``keep``/``layers``/``placement`` (tokens: see
-            ``TokenReductionConfig``), ``min_weight`` (int8).
+            ``TokenReductionConfig``), ``min_weight`` and ``patch_convs`` (int8).
     """
     if method == "int8":
         from modalmoe.efficiency.quantize import MIN_WEIGHT, quantize_int8
 
         min_weight = options.get("min_weight")
-        return quantize_int8(model, min_weight=MIN_WEIGHT if min_weight is None else min_weight)
+        min_weight = MIN_WEIGHT if min_weight is None else min_weight
+        return quantize_int8(model, min_weight=min_weight, patch_convs=bool(options.get("patch_convs")))
     if method in ("prune-experts", "merge-experts"):
         from modalmoe.efficiency.experts import expert_usage, merge_experts, prune_experts
 

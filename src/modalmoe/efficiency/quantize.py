@@ -8,11 +8,15 @@ the fly (dynamic quantization), matmuls in int8 with int32 accumulation.
 
 What gets quantized: every ``nn.Linear`` (attention projections, dense FFNs, heads,
 encoder projections), every ``ExpertBank`` (``Int8ExpertBank``: one scale per expert and
-output channel, so one expert's range never flattens another's), and non-overlapping patch
-convolutions (kernel == stride, no padding: exactly a linear map of each patch, so they run
-as an ``Int8Linear`` over unfolded patches). Layers whose weight (one expert's ``w_in`` for a
-bank) has fewer than ``min_weight`` elements stay in float32: at that size the per-call cost of quantizing the
-activations outweighs the faster matmul (measured, see ``int8_matmul``).
+output channel, so one expert's range never flattens another's), and with ``patch_convs``
+non-overlapping patch convolutions (kernel == stride, no padding: exactly a linear map of
+each patch, so they run as an ``Int8Linear`` over unfolded patches). Layers whose weight (one
+expert's ``w_in`` for a bank) has fewer than ``min_weight`` elements stay in float32: at that
+size the per-call cost of quantizing the activations outweighs the faster matmul (measured,
+see ``int8_matmul``). Patch convolutions stay float32 by default: on av-digits' image
+patchify (16 -> 64 channels, 7x7 patches) the int8 path took about 3x mkldnn's float conv,
+since copying the patches out and quantizing them costs more than the 784-wide matmul saves
+(``benchmarks/quantization.py --layers RUN --min-weight 0``).
 
 **The kernel, chosen by measurement** (``int8_matmul``, the one function to change when the
 ecosystem moves). On this project's CPU (x86 with AVX2/AVX-512, torch 2.13), for
@@ -244,7 +248,7 @@ def quantize_weight_per_expert(w: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale.float()
 
 
-def _convert(module: nn.Module, min_weight: int, *, structure_only: bool) -> nn.Module:
+def _convert(module: nn.Module, min_weight: int, *, structure_only: bool, patch_convs: bool = False) -> nn.Module:
     """Swap children in place: float layers -> int8 ones (weights copied unless
     ``structure_only``, where the caller loads them afterwards)."""
     for name, child in list(module.named_children()):
@@ -263,22 +267,25 @@ def _convert(module: nn.Module, min_weight: int, *, structure_only: bool) -> nn.
                 if not structure_only
                 else Int8Linear(child.in_features, child.out_features, bias=child.bias is not None)
             )
-        elif Int8PatchConv.supports(child) and child.weight.numel() >= min_weight:
+        elif patch_convs and Int8PatchConv.supports(child) and child.weight.numel() >= min_weight:
             replacement = Int8PatchConv.from_float(child)  # weights are overwritten by a later load
         if replacement is not None:
             setattr(module, name, replacement)
         else:
-            _convert(child, min_weight, structure_only=structure_only)
+            _convert(child, min_weight, structure_only=structure_only, patch_convs=patch_convs)
     return module
 
 
 @torch.no_grad()
-def quantize_int8(model: nn.Module, *, min_weight: int = MIN_WEIGHT, inplace: bool = False) -> nn.Module:
+def quantize_int8(
+    model: nn.Module, *, min_weight: int = MIN_WEIGHT, patch_convs: bool = False, inplace: bool = False
+) -> nn.Module:
     """Int8 post-training dynamic quantization of ``model`` (see the module docstring).
 
     Args:
         model: a trained model (e.g. a ``MultimodalModel``); left unchanged unless ``inplace``.
         min_weight: layers whose weight has fewer elements stay in float32.
+        patch_convs: also quantize non-overlapping patch convolutions (see the module doc).
         inplace: convert ``model`` itself instead of a copy.
 
     Returns:
@@ -286,24 +293,25 @@ def quantize_int8(model: nn.Module, *, min_weight: int = MIN_WEIGHT, inplace: bo
         says ``int8`` so that a saved copy is rebuilt the same way.
     """
     out = model if inplace else copy.deepcopy(model)
-    _convert(out, min_weight, structure_only=False)
-    _mark(out, min_weight)
+    _convert(out, min_weight, structure_only=False, patch_convs=patch_convs)
+    _mark(out, min_weight, patch_convs)
     return out.eval()
 
 
-def int8_structure(model: nn.Module, *, min_weight: int = MIN_WEIGHT) -> nn.Module:
+def int8_structure(model: nn.Module, *, min_weight: int = MIN_WEIGHT, patch_convs: bool = False) -> nn.Module:
     """Give a freshly built float model the int8 structure (in place, weights left at their
     defaults) so that a quantized checkpoint's state dict loads into it."""
     with torch.no_grad():
-        _convert(model, min_weight, structure_only=True)
-    _mark(model, min_weight)
+        _convert(model, min_weight, structure_only=True, patch_convs=patch_convs)
+    _mark(model, min_weight, patch_convs)
     return model.eval()
 
 
-def _mark(model: nn.Module, min_weight: int) -> None:
+def _mark(model: nn.Module, min_weight: int, patch_convs: bool) -> None:
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "quantization"):
-        quantization = config.quantization.model_copy(update={"method": "int8", "min_weight": min_weight})
+        update = {"method": "int8", "min_weight": min_weight, "patch_convs": patch_convs}
+        quantization = config.quantization.model_copy(update=update)
         model.config = config.model_copy(update={"quantization": quantization})
 
 

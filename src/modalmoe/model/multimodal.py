@@ -439,5 +439,6 @@ def build_model(
     if config.quantization.method == "int8":
         from modalmoe.efficiency.quantize import int8_structure  # modalmoe.efficiency imports this package
 
-        int8_structure(model, min_weight=config.quantization.min_weight)  # a quantized checkpoint loads into it
+        quantization = config.quantization
+        int8_structure(model, min_weight=quantization.min_weight, patch_convs=quantization.patch_convs)  # to load into
     return model
