@@ -3,7 +3,7 @@
     python benchmarks/quantization.py --kernels
     python benchmarks/quantization.py --runs runs/designs/av-digits/token-choice-s0 RUN_DIR ...
     python benchmarks/quantization.py --widths 64 128 256 512 --preset av-digits/token-choice
-    python benchmarks/quantization.py --layers runs/designs/av-digits/token-choice-s0
+    python benchmarks/quantization.py --layers runs/designs/av-digits/token-choice-s0 [--min-weight 0 --patch-convs]
 
 ``--kernels``: ``[M, K] @ [K, N]`` in float32 (``addmm``) against the int8 candidates
 (``torch._int_mm`` on rows quantized per row, fbgemm's ``quantized.linear_dynamic``, and
@@ -124,14 +124,15 @@ def widths(preset: str, dims: list[int], repeats: int, batch_size: int) -> None:
         print(f"| {dim} | {2 * dim} | {t['fp32'] / t['int8']:.2f}x |")
 
 
-def layers(path: str, repeats: int, batch_size: int, min_weight: int | None = None) -> None:
+def layers(path: str, repeats: int, batch_size: int, min_weight: int | None = None, patch_convs: bool = False) -> None:
     from modalmoe.efficiency.quantize import Int8ExpertBank, Int8Linear, Int8PatchConv, quantize_int8
     from modalmoe.train import load_run_model
     from modalmoe.train.trainer import experiment_task, read_run_config
 
     task = experiment_task(read_run_config(path))
     model = load_run_model(path).eval()
-    qmodel = quantize_int8(model) if min_weight is None else quantize_int8(model, min_weight=min_weight)
+    options = {"patch_convs": patch_convs} | ({} if min_weight is None else {"min_weight": min_weight})
+    qmodel = quantize_int8(model, **options)
     batch = task.test.batch(range(min(batch_size, len(task.test))))
     floats = dict(model.named_modules())
     kinds = Int8Linear | Int8PatchConv | Int8ExpertBank
@@ -182,6 +183,7 @@ def main() -> None:
     parser.add_argument("--widths", nargs="+", type=int, default=[])
     parser.add_argument("--layers", default=None, metavar="RUN_DIR", help="per-layer fp32 / int8 times of a run")
     parser.add_argument("--min-weight", type=int, default=None, help="--layers: quantize_int8's min_weight")
+    parser.add_argument("--patch-convs", action="store_true", help="--layers: quantize patch convolutions too")
     parser.add_argument("--preset", default="av-digits/token-choice")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -195,7 +197,7 @@ def main() -> None:
     if args.widths:
         widths(args.preset, args.widths, args.repeats, args.batch_size)
     if args.layers:
-        layers(args.layers, args.repeats, args.batch_size, args.min_weight)
+        layers(args.layers, args.repeats, args.batch_size, args.min_weight, args.patch_convs)
     if not (args.kernels or args.runs or args.widths or args.layers):
         parser.error("give --kernels, --runs RUN_DIR ..., --widths DIM ... or --layers RUN_DIR")
 
