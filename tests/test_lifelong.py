@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from conftest import assert_same_checkpoint
 from modalmoe.cli import main
 from modalmoe.config import ConfigError
 from modalmoe.lifelong import EWCPenalty, GrowError, grow_config
@@ -114,36 +115,16 @@ def test_frozen_parts_do_not_change_while_new_experts_train(run, tmp_path, freez
     assert not torch.equal(new[f"encoders.{NEW}.proj.weight"], start[f"encoders.{NEW}.proj.weight"])
 
 
-def test_a_grown_run_with_ewc_reloads_and_resumes_exactly(run, tmp_path, monkeypatch):
-    from modalmoe.objectives.supervised import CrossEntropy
-
+def test_a_grown_run_with_ewc_reloads_and_resumes_exactly(run, tmp_path, interrupted_then_resumed):
     config = grown(run, ewc=10.0, epochs=3, dropout=0.5)
     Trainer(config, tmp_path / "a", progress=False).fit()
     model = load_run_model(tmp_path / "a")
     assert model.modalities == [OLD, NEW]
     saved = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.safetensors")
     assert any(k.startswith("objectives.objectives.ewc.fisher.") for k in saved.module_state())
-
-    original, calls = CrossEntropy.forward, []
-
-    def fail_at_step_5(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            raise RuntimeError("interrupted")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(CrossEntropy, "forward", fail_at_step_5)
-    with pytest.raises(RuntimeError, match="interrupted"):
-        Trainer(config, tmp_path / "b", progress=False).fit()
-    monkeypatch.setattr(CrossEntropy, "forward", original)
-    assert (
-        load_checkpoint(tmp_path / "b" / "checkpoints" / "last.safetensors").progress["step"] < saved.progress["step"]
-    )
-    Trainer(read_run_config(tmp_path / "b"), tmp_path / "b", progress=False).fit(resume=True)
-    resumed = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.safetensors")
-    assert resumed.progress == saved.progress
-    for key, value in saved.tensors.items():
-        assert torch.equal(value, resumed.tensors[key]), key
+    before, resumed = interrupted_then_resumed(config, tmp_path / "b", fail_at=5)
+    assert before.progress["step"] < saved.progress["step"]
+    assert_same_checkpoint(saved, resumed)
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from conftest import assert_same_checkpoint
 from modalmoe.cli import main
 from modalmoe.evaluate.runner import evaluate
 from modalmoe.lifelong import GrowError
@@ -118,29 +119,13 @@ def test_a_task_grown_run_keeps_what_it_freezes_and_evaluates_the_earlier_task(r
         assert after == before
 
 
-def test_a_task_grown_run_resumes_exactly(run, tmp_path, monkeypatch):
-    from modalmoe.objectives.supervised import CrossEntropy
-
+def test_a_task_grown_run_resumes_exactly(run, tmp_path, interrupted_then_resumed):
     config = grown(run, freeze="none", ewc=10.0, epochs=3, fisher_samples=16)
     Trainer(config, tmp_path / "a", progress=False).fit()
     saved = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.safetensors")
-    original, calls = CrossEntropy.forward, []
-
-    def fail_at_step_4(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:
-            raise RuntimeError("interrupted")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(CrossEntropy, "forward", fail_at_step_4)
-    with pytest.raises(RuntimeError, match="interrupted"):
-        Trainer(config, tmp_path / "b", progress=False).fit()
-    monkeypatch.setattr(CrossEntropy, "forward", original)
-    Trainer(read_run_config(tmp_path / "b"), tmp_path / "b", progress=False).fit(resume=True)
-    resumed = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.safetensors")
-    assert resumed.progress == saved.progress
-    for key, value in saved.tensors.items():
-        assert torch.equal(value, resumed.tensors[key]), key
+    before, resumed = interrupted_then_resumed(config, tmp_path / "b", fail_at=4)
+    assert before.progress["step"] < saved.progress["step"]
+    assert_same_checkpoint(saved, resumed)
 
 
 def test_grow_task_config_refuses_what_it_cannot_grow(run):
