@@ -34,15 +34,23 @@ from modalmoe.runtime import allocator_name, tune_allocator
 
 console = Console()
 
+
+class NonFiniteOutputs(RuntimeError):
+    """A model gave NaN or infinite outputs (exit 1); ``--allow-nonfinite`` accepts them."""
+
+
 # Errors that mean "what you asked for cannot be done as asked" (exit 2).
 USAGE_ERRORS: tuple[type[Exception], ...] = (ConfigError,)
 
 
 def _usage_errors() -> tuple[type[Exception], ...]:
     from modalmoe.data.formats import DataFormatError
+    from modalmoe.io import DamagedFile
+    from modalmoe.lock import DirectoryInUse
+    from modalmoe.registry import UnknownOption
     from modalmoe.train.checkpoint import CheckpointError
 
-    return (*USAGE_ERRORS, CheckpointError, DataFormatError)
+    return (*USAGE_ERRORS, CheckpointError, DataFormatError, DirectoryInUse, DamagedFile, UnknownOption)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -117,7 +125,10 @@ def _experiment(source: str, overrides: tuple[str, ...]):
 @click.argument("config", required=False)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a config value (repeatable)")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="run directory (default runs/<name>)")
-@click.option("--resume", is_flag=True, help="continue the run in --out (or CONFIG's run directory) exactly")
+@click.option("--resume", is_flag=True, help="continue the run in --out (or CONFIG's run directory) exactly; "
+              "train.epochs and train.early_stopping.patience may grow (see modalmoe.train.resume)")  # fmt: skip
+@click.option("--overwrite", is_flag=True, help="start over in a directory that holds a run: its checkpoints and "
+              "logs are deleted first")  # fmt: skip
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @click.option("--continue-from", "continue_from", type=click.Path(file_okay=False), default=None, metavar="RUN_DIR",
               help="a trained run to grow with --add-modality or --add-task (default --out: RUN_DIR+NAME)")  # fmt: skip
@@ -148,6 +159,7 @@ def train(
     overrides: tuple[str, ...],
     out: str | None,
     resume: bool,
+    overwrite: bool,
     quiet: bool,
     continue_from: str | None,
     add_modality: str | None,
@@ -184,7 +196,9 @@ def train(
     if out is None:
         source = Path(config)
         out = str(source) if source.is_dir() else str(Path("runs") / (experiment.name or source.stem).replace("/", "-"))
-    result = Trainer(experiment, out, progress=not quiet, console=console).fit(resume=resume)
+    if resume and overwrite:
+        raise click.UsageError("--resume continues the run, --overwrite deletes it and starts over: pass one")
+    result = Trainer(experiment, out, progress=not quiet, console=console).fit(resume=resume, overwrite=overwrite)
     if result.test:  # under torchrun only rank 0 evaluates and reports
         shown = ", ".join(f"{k} {v:.4f}" for k, v in result.test.items())
         console.print(f"trained {result.steps} steps ({result.epochs} epochs) -> {result.run_dir}; test: {shown}")
@@ -244,8 +258,17 @@ def _grown_experiment(config, run_dir, modality, task_label, task, grow, overrid
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="also write the report here")
 @click.option("--task", "task_label", default=None, metavar="LABEL",
               help="a run grown by --add-task: evaluate its earlier task LABEL on that task's data")  # fmt: skip
+@click.option("--allow-nonfinite", is_flag=True, help="report metrics even when some outputs are NaN or infinite "
+              "(counted in 'nonfinite'); without it such an evaluation fails and writes nothing")  # fmt: skip
 def evaluate_command(
-    run_dir: str, split: str, subsets: str, noise: str, checkpoint: str, json_path: str | None, task_label: str | None
+    run_dir: str,
+    split: str,
+    subsets: str,
+    noise: str,
+    checkpoint: str,
+    json_path: str | None,
+    task_label: str | None,
+    allow_nonfinite: bool,
 ) -> int:
     from modalmoe.evaluate.runner import evaluate
     from modalmoe.io import atomic_write_text
@@ -264,6 +287,12 @@ def evaluate_command(
         train_scale=task.train,
         task=task_label,
     )
+    if report.nonfinite and not allow_nonfinite:
+        raise NonFiniteOutputs(
+            f"{report.nonfinite} of {report.samples} samples of {run_dir!r} ({split}) give NaN or infinite outputs, "
+            "so its metrics mean nothing and no report was written; check the run (a NaN checkpoint?) and the "
+            "inputs' range, or pass --allow-nonfinite to report them anyway"
+        )
     report.print(console)
     extra = {"task": task_label} if task_label else {}
     payload = json.dumps(
@@ -358,7 +387,7 @@ def profile(source: str, overrides: tuple[str, ...], repeats: int, json_path: st
 @click.option(
     "--out", type=click.Path(file_okay=False), default=None, help="new run directory (default RUN_DIR-METHOD)"
 )
-@click.option("--experts", type=int, default=None, help="prune/merge: experts left per MoE layer")
+@click.option("--experts", type=click.IntRange(min=1), default=None, help="prune/merge: experts left per MoE layer")
 @click.option("--by", type=click.Choice(["weights", "outputs"]), default="weights", show_default=True,
               help="merge: expert similarity")  # fmt: skip
 @click.option("--reduction", type=click.Choice(["merge", "attention", "router"]), default="merge", show_default=True,
@@ -394,7 +423,7 @@ def compress(
 ) -> int:
     from modalmoe.efficiency.compress import compress_run, parse_keep, parse_layers
 
-    if method in ("prune-experts", "merge-experts") and not experts:
+    if method in ("prune-experts", "merge-experts") and experts is None:
         raise click.UsageError(f"--method {method} needs --experts N (experts left per MoE layer)")
     out = out or f"{run_dir.rstrip('/')}-{method}"
     options: dict = {}
@@ -423,10 +452,14 @@ def compress(
 @click.option("--split", default="all", help="train, valid, test, or all")
 @click.option("--modalities", default=None, help="comma-separated subset of the model's modalities to use")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None, help="file.csv or file.json")
-def predict(run_dir: str, source: str, split: str, modalities: str | None, out_path: str | None) -> int:
+@click.option("--allow-nonfinite", is_flag=True, help="exit 0 even when some outputs are NaN or infinite (those "
+              "rows are marked finite=false either way)")  # fmt: skip
+def predict(
+    run_dir: str, source: str, split: str, modalities: str | None, out_path: str | None, allow_nonfinite: bool
+) -> int:
     from modalmoe.train.predict import predict_to_file
 
-    rows = predict_to_file(
+    rows, bad = predict_to_file(
         run_dir,
         source,
         split=split,
@@ -434,6 +467,12 @@ def predict(run_dir: str, source: str, split: str, modalities: str | None, out_p
         out=out_path,
     )
     console.print(f"{rows} predictions" + (f" -> {out_path}" if out_path else ""))
+    if bad and not allow_nonfinite:
+        raise NonFiniteOutputs(
+            f"{bad} of {rows} predictions are NaN or infinite (marked finite=false"
+            + (f" in {out_path!r}" if out_path else "")
+            + "); check the inputs' range and the run, or pass --allow-nonfinite"
+        )
     return 0
 
 
@@ -451,14 +490,22 @@ def predict(run_dir: str, source: str, split: str, modalities: str | None, out_p
 def bench(ctx: click.Context, suite: str, out: str | None, resume: bool, jobs: int, overrides: tuple[str, ...]) -> int:
     if ctx.invoked_subcommand is not None:
         return 0
-    from modalmoe.bench.runner import run_bench
+    import shlex
+
+    from modalmoe.bench.runner import BenchInterrupted, run_bench
     from modalmoe.bench.suites import load_suite
 
     if jobs < 1:
         raise click.BadParameter("--jobs must be >= 1", param_hint="--jobs")
     config = load_suite(suite, overrides)
     target = Path(out) if out else Path("bench") / config.name
-    records = run_bench(config, target, resume=resume, jobs=jobs, console=console)
+    try:
+        records = run_bench(config, target, resume=resume, jobs=jobs, console=console)
+    except BenchInterrupted as stop:
+        again = ["modalmoe", "bench", "--suite", suite, "--out", str(target), "--jobs", str(jobs), "--resume"]
+        again += [arg for pair in overrides for arg in ("--set", pair)]
+        console.print(escape(f"{stop}; continue with: {shlex.join(again)}"), highlight=False, soft_wrap=True)
+        return 130  # the shell's status for a command stopped by SIGINT
     failed = [r for r in records if r.get("status") != "ok"]
     console.print(f"{len(records) - len(failed)} cells ok, {len(failed)} failed -> {target}/leaderboard.md")
     return 1 if failed else 0

@@ -613,6 +613,15 @@ class ExperimentConfig(_Strict):
             )
         return self
 
+    @field_validator("modalities")
+    @classmethod
+    def _some_modalities(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError("an empty list trains on no modality; name at least one, or leave it out (null) for all")
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError(f"{value} names a modality twice")
+        return value
+
     @model_validator(mode="after")
     def _only_selected_encoders(self) -> ExperimentConfig:
         # A preset configures every modality's encoder; training on a subset drops the others.
@@ -743,7 +752,12 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"config file {str(path)!r} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+            "save it as UTF-8, or check that it is the YAML file you meant"
+        ) from None
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
     if not isinstance(data, dict):

@@ -7,10 +7,15 @@ name with keyword arguments, and an unknown name fails with the list of known na
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+
+
+class UnknownOption(TypeError):
+    """A component was given an option it does not take; the message lists the ones it does."""
 
 
 class Registry(Generic[T]):
@@ -50,8 +55,34 @@ class Registry(Generic[T]):
             ) from None
 
     def create(self, name: str, **kwargs: Any) -> T:
-        """Build the component registered under ``name`` with keyword arguments."""
-        return self.get(name)(**kwargs)
+        """Build the component registered under ``name`` with keyword arguments.
+
+        Raises:
+            UnknownOption: for a keyword the constructor does not take (a typo in a config's
+                options), naming it, the closest valid ones and every option it takes.
+        """
+        fn = self.get(name)
+        options = self.options(name)
+        if options is not None:
+            unknown = [key for key in kwargs if key not in options]
+            if unknown:
+                close = difflib.get_close_matches(unknown[0], options, n=3)
+                hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+                raise UnknownOption(
+                    f"{self.family} {name!r} has no option {', '.join(map(repr, unknown))}{hint}; "
+                    f"its options: {', '.join(options) or '(none)'}"
+                )
+        return fn(**kwargs)
+
+    def options(self, name: str) -> list[str] | None:
+        """The keyword options of ``name``'s constructor (None when it takes ``**kwargs``)."""
+        try:
+            parameters = inspect.signature(self.get(name)).parameters.values()
+        except (TypeError, ValueError):  # a builtin without a signature: let the call decide
+            return None
+        if any(p.kind is p.VAR_KEYWORD for p in parameters):
+            return None
+        return [p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
     def names(self) -> list[str]:
         """Registered names, sorted."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from modalmoe.analysis.routing import (
     specialisation,
     tokens_per_expert,
 )
+from modalmoe.io import read_jsonl
 from modalmoe.moe.types import RoutingRecord
 
 MAX_VIEWS = 6  # samples drawn in the per-sample views
@@ -151,7 +151,7 @@ def _curves(run_dir: Path) -> str | None:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if '"train"' in line]
+    rows = [record for _, record in read_jsonl(path) if record.get("split") == "train"]
     keys = [k for k in ("aux/load_balance", "aux/z_loss") if any(k in r for r in rows)]
     if not keys:
         return None

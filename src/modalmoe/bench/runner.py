@@ -12,8 +12,11 @@ that one has finished.
 
 from __future__ import annotations
 
+import gc
+import hashlib
 import json
 import os
+import signal
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -28,6 +31,11 @@ from modalmoe.bench.store import ResultsStore, cell_key, environment
 from modalmoe.bench.suites import LOGREG, SuiteConfig
 from modalmoe.config import ConfigError, read_yaml, to_yaml
 from modalmoe.io import atomic_write_text
+from modalmoe.lock import DirectoryLock
+
+
+class BenchInterrupted(RuntimeError):
+    """Ctrl-C stopped the bench; finished cells are stored, the message says how to go on."""
 
 
 @dataclass(frozen=True)
@@ -114,35 +122,62 @@ def _cost_batch(task, size: int = 64):
     return task.test.batch(torch.arange(min(size, len(task.test))))
 
 
+def budget_basis(suite: SuiteConfig, task_file: str) -> dict:
+    """Everything a task's budget depends on: the reference design, the match kind, the
+    sample limit and the reference cell's whole resolved config (suite and task overrides)."""
+    config = cell_config(suite, task_file, suite.reference, 0).model_dump(mode="json")
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    return {"reference": suite.reference, "match": suite.match, "limit": suite.limit.get(task_file), "config": digest}
+
+
 def budgets(suite: SuiteConfig, out: Path) -> dict[str, float]:
-    """Each task's budget: the reference design's FLOPs (or parameters) per sample (cached)."""
-    path = out / "budgets.json"
-    cached = json.loads(path.read_text()) if path.exists() else {}
+    """Each task's budget: the reference design's FLOPs (or parameters) per sample.
+
+    Cached in ``budgets.json``, each entry with its ``budget_basis``: an entry measured under
+    another basis (another suite, ``--set``, match kind or limit) is measured again."""
     if suite.match == "none":
         return {}
+    path = out / "budgets.json"
+    try:
+        cached = json.loads(path.read_text()) if path.exists() else {}
+    except (ValueError, OSError):
+        cached = {}  # a cache: measured again rather than trusted
     from modalmoe.bench.compute import reference_budget
     from modalmoe.train.trainer import head_outputs
 
+    out_budgets, entries = {}, {}
     for task_file in suite.tasks:
-        if task_file in cached:
-            continue
-        task = suite_task(suite, task_file)
-        cfg = cell_config(suite, task_file, suite.reference, 0)
-        cached[task_file] = reference_budget(
-            cfg,
-            task.specs,
-            _cost_batch(task),
-            task_type=task.train.task_type,
-            outputs=head_outputs(task.train),
-            mode=suite.match,
-            fit_data=_fit_sample(task.train),
-        )
-    atomic_write_text(path, json.dumps(cached, indent=2))
-    return cached
+        basis = budget_basis(suite, task_file)
+        entry = cached.get(task_file)
+        if not (isinstance(entry, dict) and entry.get("basis") == basis and isinstance(entry.get("budget"), float)):
+            task = suite_task(suite, task_file)
+            cfg = cell_config(suite, task_file, suite.reference, 0)
+            budget = reference_budget(
+                cfg,
+                task.specs,
+                _cost_batch(task),
+                task_type=task.train.task_type,
+                outputs=head_outputs(task.train),
+                mode=suite.match,
+                fit_data=_fit_sample(task.train),
+            )
+            entry = {"budget": float(budget), "basis": basis}
+        entries[task_file], out_budgets[task_file] = entry, entry["budget"]
+    atomic_write_text(path, json.dumps(entries, indent=2))
+    return out_budgets
 
 
 def run_cell(cell: Cell, suite_json: dict, budget: float | None, out: str, threads: int) -> dict:
     """Run one cell and return its record (``status`` "ok" or "failed"); never raises."""
+    global _RUNNING
+    _RUNNING = True
+    try:
+        return _run_cell_record(cell, suite_json, budget, out, threads)
+    finally:
+        _RUNNING = False
+
+
+def _run_cell_record(cell: Cell, suite_json: dict, budget: float | None, out: str, threads: int) -> dict:
     torch.set_num_threads(threads)
     suite = SuiteConfig.model_validate(suite_json)
     started = time.perf_counter()
@@ -314,9 +349,17 @@ def run_bench(
     console: Console | None = None,
     progress: bool = True,
 ) -> list[dict]:
-    """Run every unfinished cell of ``suite`` into ``out``; returns all records."""
+    """Run every unfinished cell of ``suite`` into ``out``; returns all records.
+
+    ``out`` is locked for the whole run (a second bench into it is refused). Ctrl-C stops
+    the workers and raises ``BenchInterrupted``; finished cells stay in the store."""
     console = console or Console()
     out = Path(out)
+    with DirectoryLock(out, what="bench directory"):
+        return _run_bench(suite, out, resume=resume, jobs=jobs, console=console, progress=progress)
+
+
+def _run_bench(suite: SuiteConfig, out: Path, *, resume: bool, jobs: int, console: Console, progress: bool):
     store = ResultsStore(out)
     suite_path = out / "suite.yaml"
     if store.path.exists() and not resume:
@@ -337,7 +380,6 @@ def run_bench(
     if done:
         console.print(f"resuming: {len(done)} cells done, {len(cells)} to run")
     threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
-    suite_json = suite.model_dump(mode="json")
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -347,7 +389,48 @@ def run_bench(
         TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"),
     )
-    with Progress(*columns, console=console, disable=not progress) as bar:
+    try:
+        bar = Progress(*columns, console=console, disable=not progress)
+        _run_cells(suite, out, cells, task_budgets, jobs=jobs, threads=threads, store=store, console=console, bar=bar)
+    except KeyboardInterrupt:
+        finished = len(store.finished())
+        raise BenchInterrupted(
+            f"interrupted: {finished} cells finished and stored in {str(out)!r}, the cells in flight are dropped"
+        ) from None
+    records = store.records()
+    from modalmoe.bench.leaderboard import write_outputs
+
+    write_outputs(out, records, suite, console=console)
+    return records
+
+
+class CellStopped(BaseException):
+    """Raised in a worker when the parent stops the bench: the cell unwinds (its run's logs
+    are closed, its lock released) and the worker exits cleanly. A BaseException, so that
+    ``run_cell`` does not record it as a failed cell."""
+
+
+_RUNNING = False  # a worker is inside run_cell
+
+
+def _stop_worker(signum, frame) -> None:
+    if _RUNNING:
+        raise CellStopped
+    raise SystemExit(0)
+
+
+def _init_worker() -> None:
+    """Worker initializer: Ctrl-C reaches the whole process group, but only the parent
+    handles it; the parent stops the workers with SIGTERM, which unwinds the running cell
+    (a killed worker would leave TensorBoard's queue semaphores behind, and tracebacks)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _stop_worker)
+
+
+def _run_cells(suite, out, cells, task_budgets, *, jobs, threads, store, console, bar) -> None:
+    """Run ``cells`` in this process or ``jobs`` workers, each record stored as it arrives."""
+    suite_json = suite.model_dump(mode="json")
+    with bar:
         task_id = bar.add_task(f"bench {suite.name}", total=len(cells), info="")
 
         def finish(record: dict) -> None:
@@ -374,7 +457,8 @@ def run_bench(
                     waiting.setdefault(cell.needs, []).append(cell)
             # spawn, not fork: forking a process whose OpenMP pool is running can deadlock.
             context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+            pool = ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker)
+            try:
 
                 def submit(cell):
                     return pool.submit(run_cell, cell, suite_json, task_budgets.get(cell.task), str(out), threads)
@@ -387,8 +471,24 @@ def run_bench(
                         finish(future.result())
                         for later in waiting.pop(cell.key, []):  # run even if it failed: they record why
                             futures[submit(later)] = later
-    records = store.records()
-    from modalmoe.bench.leaderboard import write_outputs
+            except BaseException:
+                _stop_workers(pool)
+                # Free the pool's queues now: the traceback keeps this frame alive, and their
+                # semaphores would outlive the process as "leaked" (resource_tracker warns).
+                del pool, submit
+                gc.collect()
+                raise
+            pool.shutdown(wait=True)
 
-    write_outputs(out, records, suite, console=console)
-    return records
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Stop a pool's workers now (their cells are dropped) and wait until they are gone."""
+    workers = list((getattr(pool, "_processes", None) or {}).values())  # the executor offers no public stop
+    for process in workers:
+        process.terminate()  # SIGTERM: the cell unwinds (_init_worker), then the worker takes the exit sentinel
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in workers:
+        process.join(timeout=20)
+        if process.is_alive():
+            process.kill()
+            process.join()

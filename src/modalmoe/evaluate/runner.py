@@ -33,6 +33,13 @@ ALL = "all"
 """Name of the noise row where every noisy-able modality is corrupted at once."""
 
 
+def nonfinite_rows(outputs: Tensor | None) -> int:
+    """outputs: [N, ...] -> how many rows hold a NaN or an infinity."""
+    if outputs is None or outputs.numel() == 0:
+        return 0
+    return int((~torch.isfinite(outputs)).reshape(outputs.shape[0], -1).any(1).sum())
+
+
 @dataclass
 class Predictions:
     """A model's outputs over a split, in dataset order.
@@ -112,6 +119,8 @@ class EvalReport:
         noise: one row per (level, noisy modality), ``ALL`` last within a level.
         robustness: one entry per noisy modality and ``ALL``.
         retrieval: (query modality, gallery modality) -> retrieval metrics and ``samples``.
+        nonfinite: samples of the all-modality row whose outputs are NaN or infinite (a
+            broken model or out-of-range inputs; their metrics mean nothing).
     """
 
     kind: str | None
@@ -124,6 +133,7 @@ class EvalReport:
     noise: list[NoiseRow] = field(default_factory=list)
     robustness: list[Robustness] = field(default_factory=list)
     retrieval: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
+    nonfinite: int = 0
 
     def to_dict(self) -> dict:
         """A JSON-safe dict (NaN and infinities become None)."""
@@ -134,6 +144,7 @@ class EvalReport:
                 "mode": self.mode,
                 "modalities": list(self.modalities),
                 "samples": self.samples,
+                "nonfinite": self.nonfinite,
                 "metrics": self.metrics,
                 "subsets": [
                     {"modalities": list(r.modalities), "samples": r.samples, "metrics": r.metrics} for r in self.subsets
@@ -301,6 +312,7 @@ def evaluate(
     metric, mode = PRIMARY[kind] if kind is not None else (None, None)
     full = predict(model, dataset, batch_size=batch_size, task=task)
     report = EvalReport(kind, metric, mode, model.modalities, len(full), _metrics(full, kind))
+    report.nonfinite = nonfinite_rows(full.logits)
     if subsets:
         for subset in modality_subsets(model.modalities):
             pred = (

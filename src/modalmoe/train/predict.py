@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -89,6 +90,14 @@ def predict_rows(
 
 
 def _rows(split, index, logits, target, kind, classes) -> list[dict]:
+    rows = _prediction_rows(split, index, logits, target, kind, classes)
+    finite = torch.isfinite(logits).reshape(logits.shape[0], -1).all(1).tolist()
+    for row, ok in zip(rows, finite, strict=True):
+        row["finite"] = ok  # NaN/Inf outputs (a broken run, out-of-range inputs) are marked, never hidden
+    return rows
+
+
+def _prediction_rows(split, index, logits, target, kind, classes) -> list[dict]:
     out = []
     if kind == "classification":
         probs = logits.softmax(-1)
@@ -122,14 +131,20 @@ def predict_to_file(
     split: str = "all",
     modalities: Sequence[str] | None = None,
     out: str | Path | None = None,
-) -> int:
-    """Write predictions to ``out`` (``.csv`` or ``.json``, atomically) or CSV to stdout."""
+) -> tuple[int, int]:
+    """Write predictions to ``out`` (``.csv`` or ``.json``, atomically) or CSV to stdout.
+
+    Returns:
+        (rows written, rows whose outputs are NaN or infinite: ``finite`` is false there).
+    """
     if out is not None and Path(out).suffix not in (".csv", ".json"):
         raise DataFormatError(f"--out {str(out)!r}: write predictions to a .csv or .json file")
     rows = predict_rows(run_dir, source, split=split, modalities=modalities)
+    bad = sum(not row["finite"] for row in rows)
     if out is not None and Path(out).suffix == ".json":
-        atomic_write_text(out, json.dumps(rows, indent=1))
-        return len(rows)
+        plain = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()} for r in rows]
+        atomic_write_text(out, json.dumps(plain, indent=1))  # strict JSON: NaN and Inf become null
+        return len(rows), bad
     buffer = io.StringIO()
     fields = list(dict.fromkeys(k for row in rows for k in row))
     writer = csv.DictWriter(buffer, fieldnames=fields)
@@ -139,4 +154,4 @@ def predict_to_file(
         sys.stdout.write(buffer.getvalue())
     else:
         atomic_write_text(out, buffer.getvalue())
-    return len(rows)
+    return len(rows), bad
