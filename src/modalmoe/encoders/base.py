@@ -8,9 +8,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from modalmoe.data.formats import DataFormatError
 from modalmoe.registry import Registry
 
 encoders: Registry = Registry("encoder")
+
+# Fewest present training samples an encoder fits input statistics on (one has no spread).
+MIN_FIT_SAMPLES = 2
 
 
 @dataclass
@@ -45,6 +49,24 @@ class Encoder(nn.Module):
     def fit(self, x, present: Tensor, mask: Tensor | None = None) -> None:
         """Set data-dependent state (input statistics, a tokenizer) from the training split.
         x: [N, ...] (strings for text), present: [N], mask: [N, L] for sequences."""
+
+    def require_samples(self, present: Tensor, minimum: int = MIN_FIT_SAMPLES) -> None:
+        """Refuse to fit input statistics on fewer than ``minimum`` present training samples.
+
+        One sample has no spread (its std is NaN), so the statistics would be made up and the
+        run would only fail later, far from the cause (a NaN loss blamed on the learning rate).
+
+        Raises:
+            DataFormatError: naming the modality (an exit-2 usage error in the CLI).
+        """
+        count = int(present.sum())
+        if count >= minimum:
+            return
+        carry = "sample carries" if count == 1 else "samples carry"
+        raise DataFormatError(
+            f"modality {self.spec.name!r}: {count} training {carry} it, but its input statistics (mean and std "
+            f"per feature) need at least {minimum}; add training samples that carry it, or leave the modality out"
+        )
 
     def embed(self, x, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """x: the present samples' rows -> ([P, N, D] tokens, [P, N] mask)."""
@@ -81,10 +103,16 @@ class Standardize(nn.Module):
 
     @torch.no_grad()
     def fit(self, x: Tensor, mask: Tensor | None = None) -> None:
-        """x: [N, ..., F] training inputs (``mask`` [N, L] for sequences)."""
+        """x: [N, ..., F] training inputs (``mask`` [N, L] for sequences).
+
+        A feature whose statistics are not finite (fewer than two rows, an Inf in the data)
+        keeps mean 0 and std 1: standardising must never turn inputs into NaN. Encoders
+        refuse too few samples before this (``Encoder.require_samples``)."""
         flat = x[mask] if mask is not None else x.reshape(-1, x.shape[-1])
-        self.mean.copy_(flat.mean(0))
-        self.std.copy_(flat.std(0).clamp(min=1e-6))
+        mean = flat.mean(0) if len(flat) else torch.zeros_like(self.mean)
+        std = flat.std(0) if len(flat) > 1 else torch.ones_like(self.std)
+        self.mean.copy_(torch.where(mean.isfinite(), mean, 0.0))
+        self.std.copy_(torch.where(std.isfinite(), std.clamp(min=1e-6), 1.0))
 
     def forward(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std

@@ -34,6 +34,7 @@ class SequenceEncoder(Encoder):
 
     def fit(self, x: Tensor, present: Tensor, mask: Tensor | None = None) -> None:
         """Channel statistics from training data: x [N, L, C], mask [N, L]."""
+        self.require_samples(present)
         mask = torch.ones(x.shape[:2], dtype=torch.bool) if mask is None else mask
         self.standardize.fit(x, mask & present.unsqueeze(1))
 

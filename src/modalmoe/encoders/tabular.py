@@ -37,6 +37,7 @@ class TabularEncoder(Encoder):
     def fit(self, x: Tensor, present: Tensor, mask: Tensor | None = None) -> None:
         """Numeric column statistics from training data: x [N, F]."""
         if self.numeric:
+            self.require_samples(present)
             self.standardize.fit(x[present][:, self.numeric_index])
 
     def embed(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:

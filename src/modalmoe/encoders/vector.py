@@ -28,6 +28,7 @@ class VectorEncoder(Encoder):
 
     def fit(self, x: Tensor, present: Tensor, mask: Tensor | None = None) -> None:
         """Feature statistics from training data: x [N, F]."""
+        self.require_samples(present)
         self.standardize.fit(x[present])
 
     def embed(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:

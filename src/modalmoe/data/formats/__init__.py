@@ -7,12 +7,20 @@ See ``manifest.py`` for the directory format and ``multibench.py`` for AV-MNIST'
 files and the affect pickles.
 """
 
-from modalmoe.data.formats.manifest import MANIFEST, DataFormatError, UntrustedPickleError, load, save
+from modalmoe.data.formats.manifest import (
+    MANIFEST,
+    DataFormatError,
+    DataFormatWarning,
+    UntrustedPickleError,
+    load,
+    save,
+)
 from modalmoe.data.formats.multibench import load_multibench_affect, load_multibench_avmnist
 
 __all__ = [
     "MANIFEST",
     "DataFormatError",
+    "DataFormatWarning",
     "UntrustedPickleError",
     "load",
     "load_multibench_affect",

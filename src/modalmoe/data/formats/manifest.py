@@ -7,8 +7,8 @@ the offending file and field (``<file>: field '<field>': <problem>``).
 The directory format
 --------------------
 
-A directory holds ``manifest.yaml`` and the data files it names (paths relative to the
-directory)::
+A directory holds ``manifest.yaml`` (UTF-8 text) and the data files it names (paths relative
+to the directory)::
 
     name: my-task                     # optional; default: the directory's name
     description: where the data is from, its license
@@ -21,11 +21,19 @@ directory)::
       clinical: {kind: tabular, file: clinical.parquet, columns: [age, bmi, sex], categorical: [sex]}
       notes: {kind: text, file: notes.parquet, column: text}
     splits: {file: splits.parquet, field: split}
+    data_roots: [../shared-features]  # optional: directories outside this one that files may be in
 
 Keys of a modality: ``kind`` (one of ``KINDS``), ``file``, and optionally ``description``,
 ``columns`` (tabular: the columns; vector and sequence: names of the features or channels),
 ``categorical`` (tabular) and ``column`` (text in Parquet). An unknown key is an error that
 names the closest valid one.
+
+Every ``file`` must lie inside the manifest's directory (subdirectories included) once
+resolved: ``..``, an absolute path, or a symlink that leads outside is refused, as a safe
+archive extractor refuses such members, so a copied or downloaded manifest reads only the
+files it ships with. Data shared between tasks is opted in explicitly: list its directories
+under ``data_roots`` (absolute, ``~``, or relative to the manifest's directory; each must exist), or
+pass ``load(path, data_roots=[...])``.
 
 Two layouts, chosen by the form of ``file`` (every ``file`` of a manifest takes the same form):
 
@@ -40,7 +48,11 @@ Two layouts, chosen by the form of ``file`` (every ``file`` of a manifest takes 
 The target lives in the split files and nowhere else, so a modality file never carries
 (and can never leak) the label; a split file may be one of the modality files too.
 Classification targets are integers ``0..K-1`` or strings (mapped to ``classes``, or to the
-sorted set of labels when ``classes`` is absent); regression targets are numbers.
+sorted set of labels when ``classes`` is absent); regression targets are numbers. Every class
+must occur in the train split: when the classes are inferred from the labels, a label that
+only valid or test holds (or an integer class index no split holds, as labels counted from 1
+leave class 0) is an error; a class listed in ``classes`` without a training sample is
+allowed with a ``DataFormatWarning``.
 
 NPZ files (always read with ``allow_pickle=False``; store strings as ``np.array(values, dtype=str)``):
 
@@ -70,6 +82,10 @@ Tabular modalities (NPZ or Parquet):
 A sample lacking a modality is recorded in ``present``; a NaN or Inf in a present sample of a
 numeric modality is an error (clean the data, or mark the sample absent).
 
+A damaged or truncated file (a bad zip directory or CRC in an NPZ, an unreadable Parquet
+page, or a page checksum that fails where the writer stored them) is an error naming the
+file: re-export it.
+
 ``save(task, directory)`` writes any ``Task`` in this format (one NPZ per modality per split),
 so a pickle-based dataset can be converted once and loaded without pickle from then on.
 """
@@ -77,6 +93,7 @@ so a pickle-based dataset can be converted once and loaded without pickle from t
 from __future__ import annotations
 
 import difflib
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,7 +108,7 @@ from modalmoe.io import atomic_path, atomic_write_text
 SPLITS = ("train", "valid", "test")
 MANIFEST = "manifest.yaml"
 
-_TOP_KEYS = ("name", "description", "task", "target", "classes", "modalities", "splits")
+_TOP_KEYS = ("name", "description", "task", "target", "classes", "modalities", "splits", "data_roots")
 _MODALITY_KEYS = ("kind", "file", "columns", "categorical", "column", "description")
 _SPLITS_KEYS = ("file", "field")
 _PARQUET = (".parquet", ".pq")
@@ -99,6 +116,10 @@ _PARQUET = (".parquet", ".pq")
 
 class DataFormatError(ValueError):
     """Data that does not follow its documented layout; the message names the file and the field."""
+
+
+class DataFormatWarning(UserWarning):
+    """Data that loads but is likely not what was meant (a declared class without training samples)."""
 
 
 class UntrustedPickleError(DataFormatError):
@@ -193,11 +214,14 @@ class _Layout:
 # ---------------------------------------------------------------------------------------------
 
 
-def load(path: str | Path) -> Task:
+def load(path: str | Path, *, data_roots: Iterable[str | Path] = ()) -> Task:
     """Load a data directory described by a ``manifest.yaml`` (see the module docstring).
 
     Args:
         path: the directory, or its ``manifest.yaml``.
+        data_roots: more directories (besides the manifest's and its ``data_roots``) that the
+            manifest's files may be in, for data shared between tasks; relative to the
+            current directory.
 
     Returns:
         The task; each split a ``MultimodalDataset`` (sequences ``[N, Lmax, C]`` with lengths).
@@ -213,12 +237,13 @@ def load(path: str | Path) -> Task:
     modalities = manifest.get("modalities")
     if not isinstance(modalities, Mapping) or not modalities:
         raise _error(manifest_path, "modalities", "must map each modality's name to {kind: ..., file: ...}")
-    layout = _read_layout(manifest, manifest_path)
+    roots = _data_roots(manifest, manifest_path, data_roots)
+    layout = _read_layout(manifest, manifest_path, roots)
     targets, classes = _read_targets(manifest, manifest_path, layout, task_type)
     specs: dict[str, ModalitySpec] = {}
     parts: dict[str, dict[str, _Part]] = {}
     for name, entry in modalities.items():
-        specs[name], parts[name] = _load_modality(str(name), entry, manifest_path, layout)
+        specs[name], parts[name] = _load_modality(str(name), entry, manifest_path, layout, roots)
     splits = {
         s: MultimodalDataset(
             specs=specs,
@@ -248,13 +273,60 @@ def _manifest_path(path: str | Path) -> Path:
 
 def _read_manifest(path: Path) -> dict:
     try:
-        manifest = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataFormatError(f"{path}: cannot be read: {e.strerror or e}") from e
+    try:
+        text = data.decode("utf-8")  # YAML itself drops a leading byte-order mark
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataFormatError(
+            f"{path}: not UTF-8 text (byte {data[e.start]:#04x} on line {line}); save it as UTF-8 "
+            "(for a Latin-1 file: iconv -f latin1 -t utf-8)"
+        ) from e
+    try:
+        manifest = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise DataFormatError(f"{path}: not valid YAML: {e}") from e
+        raise DataFormatError(f"{path}: not valid YAML: {_yaml_problem(e)}") from e
     if not isinstance(manifest, dict):
         raise DataFormatError(f"{path}: must be a mapping with keys {', '.join(_TOP_KEYS)}")
     _check_keys(manifest, _TOP_KEYS, path, "(top level)")
     return manifest
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: what is wrong and where (its own message spans several lines)."""
+
+    def at(mark) -> str:
+        return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+    problem = getattr(error, "problem", None)
+    if problem is None:
+        return " ".join(str(error).split())
+    context = getattr(error, "context", None)
+    context = f" ({context}{at(getattr(error, 'context_mark', None))})" if context else ""
+    return f"{problem}{at(getattr(error, 'problem_mark', None))}{context}"
+
+
+def _data_roots(manifest: Mapping, manifest_path: Path, extra: Iterable[str | Path]) -> tuple[Path, ...]:
+    """The resolved directories the manifest's files may be in: its own first, then ``data_roots``."""
+    value = manifest.get("data_roots", [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise _error(
+            manifest_path, "data_roots", f"expected a list of directories that files may be read from, got {value!r}"
+        )
+    roots = [manifest_path.parent.resolve()]
+    for v in value:
+        root = (manifest_path.parent / Path(v).expanduser()).resolve()  # an absolute path stays as it is
+        if not root.is_dir():
+            raise _error(manifest_path, "data_roots", f"{v!r} ({root}) is not a directory")
+        roots.append(root)
+    for v in extra:
+        root = Path(v).expanduser().resolve()
+        if not root.is_dir():
+            raise DataFormatError(f"load(data_roots=...): {v} is not a directory")
+        roots.append(root)
+    return tuple(roots)
 
 
 def _check_keys(entry: Mapping, allowed: Sequence[str], file: Path, where: str) -> None:
@@ -265,19 +337,31 @@ def _check_keys(entry: Mapping, allowed: Sequence[str], file: Path, where: str) 
             raise _error(file, where, f"unknown key {key!r}{hint} (valid keys: {', '.join(allowed)})")
 
 
-def _resolve_files(value: Any, manifest_path: Path, field: str) -> Path | dict[str, Path]:
-    """A ``file`` entry as one path or split -> path, each checked to exist and to be NPZ or Parquet."""
-    root = manifest_path.parent
+def _resolve_files(value: Any, manifest_path: Path, field: str, roots: Sequence[Path]) -> Path | dict[str, Path]:
+    """A ``file`` entry as one path or split -> path, each checked to be inside ``roots``, to
+    exist and to be NPZ or Parquet."""
     if isinstance(value, Mapping):
         _check_split_names(value, manifest_path, field)
-        return {s: _resolve_file(value[s], root, manifest_path, f"{field}.{s}") for s in SPLITS}
-    return _resolve_file(value, root, manifest_path, field)
+        return {s: _resolve_file(value[s], manifest_path, f"{field}.{s}", roots) for s in SPLITS}
+    return _resolve_file(value, manifest_path, field, roots)
 
 
-def _resolve_file(value: Any, root: Path, manifest_path: Path, field: str) -> Path:
+def _resolve_file(value: Any, manifest_path: Path, field: str, roots: Sequence[Path]) -> Path:
     if not isinstance(value, str) or not value:
         raise _error(manifest_path, field, f"expected a file name, got {value!r}")
-    path = root / value
+    path = manifest_path.parent / value
+    # As a safe archive extractor does: the resolved path (``..``, absolute paths and symlinks
+    # followed) must stay inside the data directory, so a manifest copied or downloaded from
+    # elsewhere reads no file it does not ship with, unless it says so in ``data_roots``.
+    resolved = path.resolve()
+    if not any(resolved.is_relative_to(root) for root in roots):
+        raise _error(
+            manifest_path,
+            field,
+            f"{value!r} resolves to {resolved}, outside the manifest's directory {roots[0]}; move the file into "
+            "it, or list the file's directory under the manifest's top-level key 'data_roots' "
+            "(or pass load(..., data_roots=[...]))",
+        )
     if not path.is_file():
         raise _error(manifest_path, field, f"file not found: {path}")
     if path.suffix not in (".npz", *_PARQUET):
@@ -297,7 +381,7 @@ def _check_split_names(names: Iterable, file: Path | str, field: str) -> None:
             raise _error(file, field, f"split {split!r} is missing (every task has {', '.join(SPLITS)})")
 
 
-def _read_layout(manifest: Mapping, manifest_path: Path) -> _Layout:
+def _read_layout(manifest: Mapping, manifest_path: Path, roots: Sequence[Path]) -> _Layout:
     entry = manifest.get("splits")
     if not isinstance(entry, Mapping) or "file" not in entry:
         raise _error(
@@ -307,7 +391,7 @@ def _read_layout(manifest: Mapping, manifest_path: Path) -> _Layout:
     target_field = manifest.get("target", "label")
     if not isinstance(target_field, str):
         raise _error(manifest_path, "target", f"expected the target's field name, got {target_field!r}")
-    files = _resolve_files(entry["file"], manifest_path, "splits.file")
+    files = _resolve_files(entry["file"], manifest_path, "splits.file", roots)
     if isinstance(files, dict):
         if "field" in entry:
             raise _error(manifest_path, "splits.field", "applies to one index file only (files per split need none)")
@@ -357,6 +441,7 @@ def _numeric_target(values: np.ndarray, file: Path, field: str) -> np.ndarray:
 def _class_targets(
     raw: Mapping[str, np.ndarray], layout: _Layout, classes: tuple[str, ...] | None
 ) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
+    declared = classes is not None
     if all(v.dtype.kind in "UO" for v in raw.values()):
         if classes is None:
             classes = tuple(sorted({str(x) for v in raw.values() for x in v.tolist()}))
@@ -369,6 +454,7 @@ def _class_targets(
                     layout.index[s], layout.field, f"labels {unknown[:5]} are not among classes {list(classes)}"
                 )
             out[s] = np.array([lookup[str(x)] for x in v.tolist()], dtype=np.int64)
+        _check_classes_in_train(out, classes, layout.index, layout.field, declared=declared, names=True)
         return out, classes
     out = {}
     for s, v in raw.items():
@@ -387,11 +473,69 @@ def _class_targets(
     elif top >= len(classes):
         s = next(s for s in SPLITS if int(out[s].max()) == top)
         raise _error(layout.index[s], layout.field, f"label {top} but only {len(classes)} classes are listed")
+    _check_classes_in_train(out, classes, layout.index, layout.field, declared=declared, names=False)
     return out, classes
 
 
+_DECLARE = "or list every class under the manifest's 'classes' to keep one that training lacks"
+
+
+def _check_classes_in_train(
+    target: Mapping[str, np.ndarray],
+    classes: Sequence[str],
+    files: Mapping[str, Path | str],
+    field: str,
+    *,
+    declared: bool,
+    names: bool,
+    declare: str = _DECLARE,
+) -> None:
+    """Every class needs a training sample, or the model silently gets a class it never learns.
+
+    Inferred classes (from the labels) without one are an error naming the labels, file and
+    split; declared ones (the user listed them) a ``DataFormatWarning``.
+
+    Args:
+        target: split -> class indices ``[N_split]``.
+        classes: the class names.
+        files: split -> the file holding its labels (for messages).
+        field: the labels' field.
+        declared: the classes were listed by the user, not inferred from the labels.
+        names: the files hold class names (True) or integer indices (False).
+        declare: how to declare classes in this format ("" where it cannot).
+    """
+    untrained = sorted(set(range(len(classes))) - set(np.unique(target["train"]).tolist()))
+    if not untrained:
+        return
+    if declared:
+        warnings.warn(
+            f"{files['train']}: field {field!r}: classes {[classes[i] for i in untrained][:5]} have no sample in "
+            "the train split; a model trained on it never learns them",
+            DataFormatWarning,
+            stacklevel=2,
+        )
+        return
+    hint = f" ({declare})" if declare else ""
+    for s in ("valid", "test"):
+        held = sorted(set(untrained) & set(np.unique(target[s]).tolist()))
+        if held:
+            labels = [classes[i] if names else i for i in held][:5]
+            raise _error(
+                files[s],
+                field,
+                f"labels {labels} occur in split {s!r} but never in the train split; every class must occur in "
+                f"the train split{hint}",
+            )
+    raise _error(
+        files["train"],
+        field,
+        f"class indices {untrained[:5]} have no sample in any split: integer labels are class indices "
+        f"0..{len(classes) - 1}, every one in the train split (labels counted from 1? subtract 1){hint}",
+    )
+
+
 def _load_modality(
-    name: str, entry: Any, manifest_path: Path, layout: _Layout
+    name: str, entry: Any, manifest_path: Path, layout: _Layout, roots: Sequence[Path]
 ) -> tuple[ModalitySpec, dict[str, _Part]]:
     where = f"modalities.{name}"
     if not isinstance(entry, Mapping):
@@ -402,7 +546,7 @@ def _load_modality(
         raise _error(manifest_path, f"{where}.kind", f"unknown modality kind {kind!r}; known kinds: {', '.join(KINDS)}")
     if "file" not in entry:
         raise _error(manifest_path, f"{where}.file", "missing: name the file holding this modality")
-    files = _resolve_files(entry["file"], manifest_path, f"{where}.file")
+    files = _resolve_files(entry["file"], manifest_path, f"{where}.file", roots)
     if isinstance(files, dict) != layout.per_split:
         form = "one file per split" if layout.per_split else "one file for all samples"
         raise _error(manifest_path, f"{where}.file", f"'splits.file' gives {form}; use the same form here")
@@ -495,11 +639,43 @@ def _check_parts(
 # ---------------------------------------------------------------------------------------------
 
 
+def _reason(error: BaseException, limit: int = 120) -> str:
+    """An exception's message on one line, cut to ``limit`` characters (some quote raw bytes)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _damaged(path: Path, error: BaseException, field: str | None = None) -> DataFormatError:
+    where = f"field {field!r}: " if field else ""
+    return DataFormatError(f"{path}: {where}the file is damaged or truncated ({_reason(error)}); re-export it")
+
+
 def _open_npz(path: Path):
     try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
+        npz = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        if "pickle" in str(e):  # neither a zip nor a .npy: numpy would have tried pickle
+            raise DataFormatError(f"{path}: not an .npz archive (write one with np.savez); re-export it") from e
+        raise _damaged(path, e) from e
+    except OSError as e:
         raise DataFormatError(f"{path}: not a readable .npz file: {e}") from e
+    except MemoryError:
+        raise
+    except Exception as e:  # BadZipFile (truncated), EOFError (empty), NotImplementedError (a garbled version)
+        raise _damaged(path, e) from e
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise DataFormatError(
+            f"{path}: holds a single .npy array, not an .npz archive; save it with np.savez(path, x=array)"
+        )
+    return npz
+
+
+def _intact(npz) -> bool:
+    """Whether every member of the archive passes its CRC check (reads the whole file)."""
+    try:
+        return npz.zip.testzip() is None
+    except Exception:
+        return False
 
 
 def _npz_get(npz, path: Path, key: str, *, required: bool = True) -> np.ndarray | None:
@@ -509,28 +685,49 @@ def _npz_get(npz, path: Path, key: str, *, required: bool = True) -> np.ndarray 
         close = difflib.get_close_matches(key, npz.files, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise _error(path, key, f"missing{hint} (keys in the file: {', '.join(npz.files) or 'none'})")
+    member = f"{key}.npy" if f"{key}.npy" in npz.zip.namelist() else key
     try:
-        return npz[key]
-    except ValueError as e:
-        # numpy refuses object arrays when allow_pickle=False: loading them would run pickle.
-        raise _error(
-            path, key, "holds Python objects, which would need pickle; store strings as np.array(values, dtype=str)"
-        ) from e
+        with npz.zip.open(member) as f:
+            array = np.lib.format.read_array(f, allow_pickle=False)
+            # zipfile checks a member's CRC only on reaching its end, which read_array does not
+            # when a damaged header claims fewer values than the file holds.
+            trailing = len(f.read())
+    except MemoryError:
+        raise
+    except Exception as e:
+        # A damaged member fails here, not at opening: a bad CRC, or a header that numpy
+        # cannot parse (ValueError, tokenize and zlib errors).
+        if isinstance(e, ValueError) and "allow_pickle" in str(e) and _intact(npz):
+            # numpy refuses object arrays when allow_pickle=False: loading them would run pickle.
+            raise _error(
+                path, key, "holds Python objects, which would need pickle; store strings as np.array(values, dtype=str)"
+            ) from e
+        raise _damaged(path, e, key) from e
+    if trailing:
+        raise _damaged(path, ValueError(f"{trailing} bytes after the array its header describes"), key)
+    return array
 
 
 def _read_parquet(path: Path, columns: Sequence[str]):
+    import pyarrow as pa
     import pyarrow.parquet as pq  # optional dependency, needed only for Parquet files
 
+    unreadable = (OSError, pa.ArrowException)  # ArrowInvalid, ArrowIOError, thrift and decoding errors
     try:
         names = pq.read_schema(path).names
-    except Exception as e:  # pyarrow raises several types for an unreadable file
-        raise DataFormatError(f"{path}: not a readable Parquet file: {e}") from e
+    except unreadable as e:
+        raise DataFormatError(f"{path}: not a Parquet file, or a damaged one ({_reason(e)}); re-export it") from e
     for column in columns:
         if column not in names:
             close = difflib.get_close_matches(column, names, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise _error(path, column, f"no such column{hint} (columns: {', '.join(names)})")
-    return pq.read_table(path, columns=list(columns))
+    try:
+        # Damaged pages fail only here; page checksums, where the writer stored them, catch
+        # damage that would otherwise decode into wrong values.
+        return pq.read_table(path, columns=list(columns), page_checksum_verification=True)
+    except unreadable as e:
+        raise _damaged(path, e) from e
 
 
 def _read_column(path: Path, field: str) -> np.ndarray:
@@ -820,7 +1017,7 @@ def save(task: Task, directory: str | Path) -> Path:
     (the prefix keeps a modality named "target" apart). Tabular categorical columns are
     declared with their cardinality (codes are stored as they are), so ``load(save(task, d))``
     gives back the same specs, tensors, present flags, lengths, targets and class names (a
-    task without class names gets "0".."K-1"). ``groups`` and ``extras`` are not written.
+    task without class names is saved with classes "0".."K-1"). ``groups`` and ``extras`` are not written.
 
     Args:
         task: any task (the output of any loader here or a bundled task).
@@ -834,12 +1031,17 @@ def save(task: Task, directory: str | Path) -> Path:
     modalities = {name: _save_modality(task, name, directory) for name in task.modalities}
     for s in SPLITS:
         _save_npz(directory / f"target.{s}.npz", label=task.splits[s].target.numpy())
+    classes = task.train.classes
+    if classes is None and task.train.task_type == "classification":
+        # Declared, so that a class the train split lacks loads back (with a warning) as it was.
+        top = max((int(task.splits[s].target.max()) for s in SPLITS if len(task.splits[s].target)), default=-1)
+        classes = tuple(str(i) for i in range(top + 1)) or None
     manifest = {
         "name": task.name,
         "description": task.description,
         "task": task.train.task_type,
         "target": "label",
-        **({"classes": list(task.train.classes)} if task.train.classes is not None else {}),
+        **({"classes": list(classes)} if classes is not None else {}),
         "modalities": modalities,
         "splits": {"file": {s: f"target.{s}.npz" for s in SPLITS}},
     }

@@ -19,6 +19,7 @@ from modalmoe.data.formats.manifest import (
     SPLITS,
     DataFormatError,
     UntrustedPickleError,
+    _check_classes_in_train,
     _check_finite,
     _check_split_names,
     _error,
@@ -55,7 +56,11 @@ def load_multibench_avmnist(
 
     Returns:
         The task: modalities "image" ``[N, 1, 28, 28]`` and "audio" ``[N, 1, 112, 112]``,
-        ten classes "0".."9" (or as many as the labels need).
+        ten classes "0".."9" (or as many as the labels need; each must occur in train).
+
+    Raises:
+        DataFormatError: naming the file and field of a problem, a label that only valid or
+            test holds among them.
     """
     root = Path(path)
     files = {s: _avmnist_files(root, s) for s in SPLITS}
@@ -70,6 +75,12 @@ def load_multibench_avmnist(
         raw["train"] = tuple(a[train_idx] for a in full)
         raw["valid"] = tuple(a[valid_idx] for a in full)
     num_classes = max(int(raw[s][2].max()) for s in SPLITS) + 1
+    classes = [str(i) for i in range(num_classes)]
+    label_files = {s: files[s if s in on_disk else "train"][2] for s in SPLITS}  # a carved valid is from train
+    # Inferred from the labels, so a digit that only valid or test holds would be a class never trained.
+    _check_classes_in_train(
+        {s: raw[s][2] for s in SPLITS}, classes, label_files, "labels", declared=False, names=False, declare=""
+    )
     specs = {
         "image": ModalitySpec("image", "image", raw["train"][0].shape[1:], description="written digit, grey image"),
         "audio": ModalitySpec("audio", "image", raw["train"][1].shape[1:], description="spoken digit, spectrogram"),
@@ -79,7 +90,7 @@ def load_multibench_avmnist(
             specs=specs,
             inputs={"image": raw[s][0], "audio": raw[s][1]},
             target=raw[s][2],
-            classes=[str(i) for i in range(num_classes)],
+            classes=classes,
         )
         for s in SPLITS
     }
