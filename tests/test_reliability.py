@@ -377,3 +377,16 @@ def test_ctrl_c_on_a_parallel_bench_prints_one_line_and_keeps_the_store(tmp_path
     assert records and all(r["status"] == "ok" for r in records)
     resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+
+
+def test_save_checkpoint_refuses_non_finite_tensors_and_keeps_the_old_file(tmp_path):
+    from modalmoe.train import save_checkpoint
+
+    module = torch.nn.Linear(4, 2)
+    path = tmp_path / "last.safetensors"
+    save_checkpoint(path, module=module, config={}, progress={"step": 1})
+    with torch.no_grad():
+        module.weight[0, 0] = float("inf")
+    with pytest.raises(CheckpointError, match="weight hold NaN or Inf"):
+        save_checkpoint(path, module=module, config={}, progress={"step": 2})
+    assert load_checkpoint(path).progress["step"] == 1

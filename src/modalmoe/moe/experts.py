@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from modalmoe.moe import grouped_gemm
 
@@ -32,6 +33,12 @@ ACTIVATIONS = ("gelu", "swiglu")
 # (measured on a 2-core AVX-512 CPU, D=512, F=1024: 64 calls of 64 rows took ~1.45x the
 # time of one dense call of 4096 rows, while one bmm over the same rows took ~1.2x).
 TAIL_CALL_ROWS = 32
+
+# Whether the backward pass now running keeps its graph (``retain_graph=True`` or
+# ``create_graph=True``). A private binding (torch's AOTAutograd asks it the same question);
+# where a build lacks it, assume the graph is kept: correct for every caller, at the cost of
+# holding h and a until the graph is freed rather than freeing them mid-backward.
+_keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", lambda: True)
 
 
 @dataclass(frozen=True)
@@ -159,6 +166,12 @@ class _GroupedFFN(torch.autograd.Function):
       input for free, so keeping the gathered copy alive was pure overhead);
     - h and a are held on ``ctx`` rather than saved so backward can free each one as soon
       as it is used, as autograd does node by node.
+
+    All three shortcuts consume what the graph holds, so they apply only when the engine
+    frees the graph after this pass; under ``retain_graph`` backward leaves ``ctx`` intact and
+    works on copies, and a second pass gives the same gradients. The backward is not itself
+    differentiable (the grouped GEMM runs outside autograd), so ``create_graph`` through it
+    raises rather than returning gradients with their second-order terms silently missing.
     """
 
     @staticmethod
@@ -176,10 +189,13 @@ class _GroupedFFN(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_y: Tensor):
-        x, index, w_in, w_out, gate = ctx.saved_tensors
+        x, index, w_in, w_out, gate = ctx.saved_tensors  # raises first if the graph was freed
+        keep = _keep_graph()
         h, a = ctx.h, ctx.a
-        del ctx.h, ctx.a
+        if not keep:
+            del ctx.h, ctx.a  # ours alone now: freed below as soon as each is used
         counts, grad_y = ctx.layout.counts, grad_y.contiguous()
         grad_a = grouped_gemm.grouped_mm(grad_y, w_out, counts, transpose_w=True)  # without the gate
         grad_gate = None
@@ -187,7 +203,9 @@ class _GroupedFFN(torch.autograd.Function):
             # Row-wise dot product without an [A, F] temporary.
             grad_gate = torch.bmm(grad_a.unsqueeze(1), a.unsqueeze(2)).view(-1) if ctx.needs_input_grad[4] else None
             grad_a.mul_(gate.unsqueeze(-1))
-            a.mul_(gate.unsqueeze(-1))  # (gate * a).T @ grad_y == a.T @ (gate * grad_y); a is ours to overwrite
+            # (gate * a).T @ grad_y == a.T @ (gate * grad_y): a is ours to overwrite unless a
+            # later pass needs it; then a scaled copy, the same numbers as the in-place path.
+            a = a * gate.unsqueeze(-1) if keep else a.mul_(gate.unsqueeze(-1))
         grad_w_out = grouped_gemm.grouped_weight_grad(a, grad_y, counts)
         del a, grad_y
         grad_h = _activate_backward(grad_a, h, ctx.activation, reuse_grad=True)
