@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from modalmoe.train import checkpoint as ckpt
+from modalmoe import checkpoint as ckpt
 
 MIB = 2**20
 

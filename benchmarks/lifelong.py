@@ -51,6 +51,7 @@ def _train(config, run_dir: Path) -> None:
     import shutil
 
     from modalmoe.config import load_config
+    from modalmoe.lifelong import growth_callbacks
     from modalmoe.train import Trainer
 
     if (run_dir / "summary.json").exists():
@@ -58,7 +59,7 @@ def _train(config, run_dir: Path) -> None:
             return
     if run_dir.exists():
         shutil.rmtree(run_dir)  # unfinished, or another protocol setting: train again
-    Trainer(config, run_dir, progress=False).fit()
+    Trainer(config, run_dir, progress=False, callbacks=growth_callbacks(config)).fit()
 
 
 def _subsets(run_dir: Path) -> dict[str, float]:

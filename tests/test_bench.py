@@ -15,6 +15,9 @@ from modalmoe.cli import main
 SMOKE = load_suite("smoke")
 
 
+# The smoke suite through the CLI is the default tier's one end-to-end test (a few seconds on
+# 2 cores): `test_the_smoke_suite_runs_end_to_end` and the cheap checks that read its output.
+# The kill-and-resume run and the extra imbalance bench are in the slow tier.
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "smoke"
@@ -59,6 +62,7 @@ def test_compare_shows_both_directories(smoke, capsys, monkeypatch):
     assert "token-choice" in out and "0.0000" in out
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_skips_finished_cells_and_gives_the_same_results(smoke, tmp_path):
     out = tmp_path / "killed"
     args = [sys.executable, "-m", "modalmoe", "bench", "--suite", "smoke", "--out", str(out), "--jobs", "1"]
@@ -85,6 +89,7 @@ def test_resume_after_a_kill_skips_finished_cells_and_gives_the_same_results(smo
         assert record["metrics"] == pytest.approx(reference[key]["metrics"], abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_imbalanced_training_cells_run_and_show_up_as_their_own_rows(tmp_path):
     from modalmoe.bench.runner import plan_cells, run_bench
 

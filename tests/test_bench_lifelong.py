@@ -28,6 +28,7 @@ def _by_key(records):
     return {(r["design"], r["seed"]): r for r in records}
 
 
+@pytest.mark.slow
 def test_every_method_and_seed_has_a_record_with_the_lifelong_block(bench):
     records = _by_key(ResultsStore(bench).records())
     assert len(records) == len(SUITE.seeds) * (1 + len(PROTOCOL.methods))  # stage 1 once per seed
@@ -49,6 +50,7 @@ def test_every_method_and_seed_has_a_record_with_the_lifelong_block(bench):
             assert len(r["evaluation"]["subsets"]) == 7  # every subset of m0, m1, m2
 
 
+@pytest.mark.slow
 def test_forgetting_and_gain_are_computed_from_the_stored_accuracies(bench):
     records = _by_key(ResultsStore(bench).records())
     for seed in SUITE.seeds:
@@ -67,6 +69,7 @@ def test_forgetting_and_gain_are_computed_from_the_stored_accuracies(bench):
         assert records[("token-choice:m0+m1>+m2:freeze-old", seed)]["lifelong"]["forgetting"] == 0.0
 
 
+@pytest.mark.slow
 def test_the_leaderboard_has_a_lifelong_table(bench):
     board = (bench / "leaderboard.md").read_text()
     assert "## Lifelong" in board and "### tiny: token-choice, m0 + m1 → + m2 (accuracy %)" in board
@@ -84,6 +87,7 @@ def test_the_leaderboard_has_a_lifelong_table(bench):
     assert "lifelong.forgetting" in (bench / "results.csv").read_text().splitlines()[0]
 
 
+@pytest.mark.slow
 def test_resume_runs_only_the_unfinished_cells(bench, monkeypatch):
     store = ResultsStore(bench)
     records = store.records()
@@ -99,6 +103,7 @@ def test_resume_runs_only_the_unfinished_cells(bench, monkeypatch):
     assert after[:-1] == [r for r in records if r is not dropped]  # the finished cells were left alone
 
 
+@pytest.mark.slow
 def test_a_failed_cell_is_recorded_and_the_others_run(tmp_path):
     suite = tmp_path / "suite.yaml"
     suite.write_text(

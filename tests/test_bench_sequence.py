@@ -47,6 +47,7 @@ def test_cells_are_planned_after_the_stage_they_continue():
     assert third.needs == ("tiny", "token-choice:t1>t2:naive", SUITE.seeds[0])
 
 
+@pytest.mark.slow
 def test_every_stage_scores_every_task_it_learned(bench):
     records = _by_key(ResultsStore(bench).records())
     assert all(r["status"] == "ok" for r in records.values()), [r.get("error") for r in records.values()]
@@ -75,6 +76,7 @@ def test_every_stage_scores_every_task_it_learned(bench):
         assert three["t2"] == two["t2"]
 
 
+@pytest.mark.slow
 def test_the_table_agrees_with_the_stored_scores(bench):
     records = ResultsStore(bench).records()
     by_key = _by_key(records)

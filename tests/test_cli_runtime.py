@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from modalmoe.cli import main
 
 
@@ -26,6 +28,7 @@ def test_cli_info_tunes_the_allocator_and_lists_routers(capsys):
     assert "glibc-tuned" not in default
 
 
+@pytest.mark.slow
 def test_benchmark_smoke_runs_and_writes_json(tmp_path):
     """The benchmark's code path on a tiny case (numbers are not checked here: no timing in tests)."""
     out = tmp_path / "r.json"

@@ -126,6 +126,7 @@ def _fetch_in_process(args) -> bytes:
     return fetch(source, cache=cache, wheelhouse=house).read_bytes()
 
 
+@pytest.mark.slow
 def test_two_processes_fetching_the_same_file_both_succeed(tmp_path, wheelhouse):
     house, source = wheelhouse
     with multiprocessing.get_context("spawn").Pool(2) as pool:

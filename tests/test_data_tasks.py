@@ -68,6 +68,7 @@ def test_av_digits_sizes_pairing_and_degradation(loaded):
     assert torch.linalg.matrix_rank(centred, rtol=1e-5).item() == 4  # 25% of PCA energy = 4 components
 
 
+@pytest.mark.slow
 def test_av_digits_each_modality_alone_is_hard_and_fusion_is_better(loaded):
     """The documented degradation: 55-75% per modality with a linear model, fusion clearly better."""
     scores = linear_baselines(loaded["av-digits"])

@@ -89,6 +89,7 @@ def test_expert_parallel_without_enough_processes_is_refused_with_the_fix():
 # --- (a) the expert-parallel layer ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_expert_parallel_layer_equals_the_local_layer_forward_and_backward(tmp_path):
     _torchrun([str(HERE), "layer", str(tmp_path)])
     for case in LAYER_CASES:
@@ -158,6 +159,7 @@ def _assert_same_weights(a: Path, b: Path, which: str = "last") -> None:
         torch.testing.assert_close(a, b, atol=TOL, rtol=0, msg=key)
 
 
+@pytest.mark.slow
 def test_two_rank_data_parallel_training_equals_one_process(tmp_path):
     sets = [arg for o in RUN for arg in ("--set", o)]
     dist_run = tmp_path / "ddp"
@@ -180,6 +182,7 @@ def test_two_rank_data_parallel_training_equals_one_process(tmp_path):
 # --- (c) expert-parallel training and its checkpoint -------------------------------------------
 
 
+@pytest.mark.slow
 def test_expert_parallel_checkpoint_loads_into_one_process_and_predicts_the_same(tmp_path):
     from modalmoe.evaluate.runner import predict
     from modalmoe.train import load_run_model
@@ -210,12 +213,12 @@ def _single_task():
 def _worker_ep_train(out: Path) -> None:
     import torch.distributed as dist
 
+    from modalmoe.checkpoint import restore_module
     from modalmoe.evaluate.runner import predict
     from modalmoe.model.multimodal import build_model
     from modalmoe.model.presets import get_preset
     from modalmoe.moe.parallel import shard_experts, sharded_banks
     from modalmoe.train import Trainer, load_checkpoint
-    from modalmoe.train.checkpoint import restore_module
     from modalmoe.train.distributed import shard_state
     from modalmoe.train.trainer import read_task_info
 

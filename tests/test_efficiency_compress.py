@@ -212,6 +212,7 @@ def test_the_compress_command(run, tmp_path, capsys):
     assert not (tmp_path / "p").exists()
 
 
+@pytest.mark.slow
 def test_the_bench_stores_a_record_per_compression_and_skips_what_does_not_fit(tmp_path):
     suite = tmp_path / "suite.yaml"
     suite.write_text(

@@ -12,7 +12,7 @@ from rich.console import Console
 
 from modalmoe.config import LoRAConfig
 from modalmoe.data.tasks import load_task
-from modalmoe.efficiency.lora import apply_lora, count_parameters, has_lora, merge_lora
+from modalmoe.model.lora import apply_lora, count_parameters, has_lora, merge_lora
 from modalmoe.model.multimodal import build_model
 from modalmoe.model.presets import get_preset
 from modalmoe.train import CheckpointError, Trainer, load_checkpoint, load_run_model
@@ -133,17 +133,19 @@ def test_a_lora_run_resumes_exactly(base_run, tmp_path):
     cfg = get_preset("tiny/token-choice", overrides=overrides)
     Trainer(cfg, tmp_path / "a", progress=False).fit()
 
-    class Interrupted(Trainer):
+    from modalmoe.train.callbacks import Callback
+
+    class Kill(Callback):
         calls = 0
 
-        def _modulate(self, model, batch):  # called once per optimiser step, before it
-            Interrupted.calls += 1
-            if Interrupted.calls == 6:
+        def before_update(self, model, batch):  # called once per optimiser step, before it
+            Kill.calls += 1
+            if Kill.calls == 6:
                 raise _Killed
-            return super()._modulate(model, batch)
+            return {}
 
     with pytest.raises(_Killed):
-        Interrupted(cfg, tmp_path / "b", progress=False).fit()
+        Trainer(cfg, tmp_path / "b", progress=False, callbacks=[Kill()]).fit()
     assert load_checkpoint(tmp_path / "b" / "checkpoints" / "last.safetensors").progress["step"] == 5
     Trainer(cfg, tmp_path / "b", progress=False, console=Console(file=io.StringIO())).fit(resume=True)
     a = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.safetensors")

@@ -13,10 +13,11 @@ import torch
 from modalmoe.config import ConfigError, ModelConfig, to_yaml, validate
 from modalmoe.data.tasks import load_task
 from modalmoe.efficiency import measure_cost
-from modalmoe.efficiency.tokens import apply_token_reduction, merge, prune, start, target_counts, unmerge
+from modalmoe.efficiency.tokens import apply_token_reduction
 from modalmoe.model import Block, build_model
 from modalmoe.model.fusion import masked_mean
 from modalmoe.model.presets import get_preset
+from modalmoe.model.reduction import merge, prune, start, target_counts, unmerge
 
 TOKENS = {"m0": 6, "m1": 9, "m2": 4}  # the tiny task's vector encoders, widened to several tokens
 
@@ -163,8 +164,9 @@ def test_block_statistics_path_matches_the_fused_attention():
     mask = torch.ones(3, 7, dtype=torch.bool)
     mask[1, 4:] = False
     ids = torch.zeros(3, 7, dtype=torch.long)
-    plain, _, _ = block(x, mask, ids, ids)
-    explicit, _, _, stats = block(x, mask, ids, ids, stats=True, scores=True, size=torch.ones(3, 7))
+    plain = block(x, mask, ids, ids).x
+    result = block(x, mask, ids, ids, stats=True, scores=True, size=torch.ones(3, 7))
+    explicit, stats = result.x, result.stats
     torch.testing.assert_close(explicit, plain)
     assert stats.keys.shape == (3, 7, 8)
     # Each real query's probabilities sum to 1 over real keys, so what is received sums to 1.

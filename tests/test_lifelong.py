@@ -10,7 +10,7 @@ import torch
 from conftest import assert_same_checkpoint
 from modalmoe.cli import main
 from modalmoe.config import ConfigError
-from modalmoe.lifelong import EWCPenalty, GrowError, grow_config
+from modalmoe.lifelong import EWCPenalty, GrowError, add_modality, grow_config, growth_callbacks
 from modalmoe.lifelong.grow import continue_run
 from modalmoe.model.presets import get_preset
 from modalmoe.moe.routers import routers
@@ -78,7 +78,7 @@ def test_a_grown_model_predicts_as_the_run_on_the_old_modalities(run):
     config = grown(run)
     assert config.modalities == [OLD, NEW] and config.model.moe.num_experts == 4 + EXPERTS
     assert config.model.moe.router_options["reserved"] == {NEW: [4, 5]}
-    model, _ = Trainer(config, run.parent / "unused", progress=False).build()
+    model, _ = Trainer(config, run.parent / "unused", progress=False, callbacks=growth_callbacks(config)).build()
     task = experiment_task(config)
     batch = task.test.batch(range(len(task.test)))
     model.eval()
@@ -87,7 +87,7 @@ def test_a_grown_model_predicts_as_the_run_on_the_old_modalities(run):
         assert torch.allclose(model(batch, modalities=[OLD]).logits, expected, atol=1e-6, rtol=0)
         assert not torch.allclose(model(batch).logits, expected, atol=1e-3)  # the new modality is read
     # The in-memory API does the same from the model alone.
-    added = old.add_modality(NEW, task.specs[NEW], experts=EXPERTS, data=task.train).eval()
+    added = add_modality(old, NEW, task.specs[NEW], experts=EXPERTS, data=task.train).eval()
     assert added.modalities == [OLD, NEW] and old.modalities == [OLD]
     with torch.no_grad():
         assert torch.allclose(added(batch, modalities=[OLD]).logits, expected, atol=1e-6, rtol=0)
@@ -102,9 +102,9 @@ def _states(run_dir, which="last"):
 @pytest.mark.parametrize("freeze", ["experts", "old", "none"])
 def test_frozen_parts_do_not_change_while_new_experts_train(run, tmp_path, freeze):
     config = grown(run, freeze=freeze)
-    start, _ = Trainer(config, tmp_path / "unused", progress=False).build()
+    start, _ = Trainer(config, tmp_path / "unused", progress=False, callbacks=growth_callbacks(config)).build()
     start = {k: v.detach().clone() for k, v in start.state_dict().items()}
-    Trainer(config, tmp_path / "run", progress=False).fit()
+    Trainer(config, tmp_path / "run", progress=False, callbacks=growth_callbacks(config)).fit()
     old, new = _states(run, "best"), _states(tmp_path / "run")  # grown runs start from the best checkpoint
     bank, router = "fusion.trunk.blocks.0.ffn.experts.w_in", "fusion.trunk.blocks.0.ffn.router.weight"
     for name in (bank, router):
@@ -117,7 +117,7 @@ def test_frozen_parts_do_not_change_while_new_experts_train(run, tmp_path, freez
 
 def test_a_grown_run_with_ewc_reloads_and_resumes_exactly(run, tmp_path, interrupted_then_resumed):
     config = grown(run, ewc=10.0, epochs=3, dropout=0.5)
-    Trainer(config, tmp_path / "a", progress=False).fit()
+    Trainer(config, tmp_path / "a", progress=False, callbacks=growth_callbacks(config)).fit()
     model = load_run_model(tmp_path / "a")
     assert model.modalities == [OLD, NEW]
     saved = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.safetensors")
@@ -139,7 +139,9 @@ def test_ewc_penalty_is_zero_at_the_runs_weights_and_grows_with_distance(run):
     assert float(penalty.penalty(old)) > 0
     # In a grown model, only the run's slice of a grown tensor counts.
     config = grown(run, ewc=1.0)
-    model, objectives = Trainer(config, run.parent / "unused", progress=False).build()
+    model, objectives = Trainer(
+        config, run.parent / "unused", progress=False, callbacks=growth_callbacks(config)
+    ).build()
     ewc = objectives.objectives["ewc"]
     assert float(ewc.penalty(model)) == 0.0
     weight = model.fusion.trunk.blocks[0].ffn.router.weight

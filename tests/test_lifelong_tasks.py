@@ -11,7 +11,7 @@ import torch
 from conftest import assert_same_checkpoint
 from modalmoe.cli import main
 from modalmoe.evaluate.runner import evaluate
-from modalmoe.lifelong import GrowError
+from modalmoe.lifelong import GrowError, add_task, growth_callbacks
 from modalmoe.lifelong.tasks import continue_task, grow_task_config, task_data
 from modalmoe.model.presets import get_preset
 from modalmoe.moe.routers import routers
@@ -67,7 +67,7 @@ def test_a_model_with_an_added_task_predicts_the_earlier_task_as_before(run):
     batch = task.test.batch(range(len(task.test)))
     with torch.no_grad():
         expected = old(batch).logits
-        two = old.add_task("t2", outputs=8, experts=EXPERTS, previous="t1").eval()
+        two = add_task(old, "t2", outputs=8, experts=EXPERTS, previous="t1").eval()
         assert two.tasks == ["t1", "t2"] and old.tasks == [] and list(two.task_heads) == ["t1"]
         assert two.config.moe.num_experts == 4 + EXPERTS
         assert torch.allclose(two(batch, task="t1").logits, expected, atol=1e-6, rtol=0)
@@ -75,7 +75,7 @@ def test_a_model_with_an_added_task_predicts_the_earlier_task_as_before(run):
         for name, param in two.named_parameters():  # as if t2 had trained: its new router rows start tied
             if name.endswith("router.weight"):
                 param[4:] += 0.1 * torch.randn_like(param[4:])
-        three = two.add_task("t3", outputs=3, experts=EXPERTS).eval()  # a third task: t1 and t2 both kept
+        three = add_task(two, "t3", outputs=3, experts=EXPERTS).eval()  # a third task: t1 and t2 both kept
         assert three.tasks == ["t1", "t2", "t3"] and three.config.moe.num_experts == 4 + 2 * EXPERTS
         assert torch.allclose(three(batch, task="t1").logits, expected, atol=1e-6, rtol=0)
         assert torch.allclose(three(batch, task="t2").logits, two(batch).logits, atol=1e-6, rtol=0)
@@ -85,7 +85,7 @@ def test_a_model_with_an_added_task_predicts_the_earlier_task_as_before(run):
     with pytest.raises(ValueError, match="no task 'zz'"):
         three(batch, task="zz")
     with pytest.raises(GrowError, match="already has a task 't2'"):
-        three.add_task("t2", outputs=2)
+        add_task(three, "t2", outputs=2)
 
 
 def _states(run_dir, which="last"):
@@ -97,9 +97,9 @@ def test_a_task_grown_run_keeps_what_it_freezes_and_evaluates_the_earlier_task(r
     config = grown(run, freeze=freeze)
     assert config.task_options["seed"] == 2 and [t.name for t in config.model.tasks] == ["t1", "t2"]
     assert config.model.moe.router_options["reserved_tasks"] == {"t2": [4, 5]}
-    start, _ = Trainer(config, tmp_path / "unused", progress=False).build()
+    start, _ = Trainer(config, tmp_path / "unused", progress=False, callbacks=growth_callbacks(config)).build()
     start = {k: v.detach().clone() for k, v in start.state_dict().items()}
-    Trainer(config, tmp_path / "run", progress=False).fit()
+    Trainer(config, tmp_path / "run", progress=False, callbacks=growth_callbacks(config)).fit()
     old, new = _states(run, "best"), _states(tmp_path / "run")
     bank, router = "fusion.trunk.blocks.0.ffn.experts.w_in", "fusion.trunk.blocks.0.ffn.router.weight"
     for name in (bank, router):
@@ -121,7 +121,7 @@ def test_a_task_grown_run_keeps_what_it_freezes_and_evaluates_the_earlier_task(r
 
 def test_a_task_grown_run_resumes_exactly(run, tmp_path, interrupted_then_resumed):
     config = grown(run, freeze="none", ewc=10.0, epochs=3, fisher_samples=16)
-    Trainer(config, tmp_path / "a", progress=False).fit()
+    Trainer(config, tmp_path / "a", progress=False, callbacks=growth_callbacks(config)).fit()
     saved = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.safetensors")
     before, resumed = interrupted_then_resumed(config, tmp_path / "b", fail_at=4)
     assert before.progress["step"] < saved.progress["step"]
@@ -172,7 +172,7 @@ def test_a_grown_model_refuses_expert_pruning_but_merges(run):
     from modalmoe.efficiency.experts import expert_usage, merge_experts, prune_experts
 
     old = load_run_model(run).eval()
-    grown = old.add_task("t2", outputs=8, experts=EXPERTS, previous="t1")
+    grown = add_task(old, "t2", outputs=8, experts=EXPERTS, previous="t1")
     data = experiment_task(read_run_config(run)).valid
     usage = expert_usage(grown, data)
     with pytest.raises(ValueError, match="reserves experts.*merge-experts"):

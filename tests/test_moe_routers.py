@@ -36,7 +36,7 @@ def test_every_registered_router_builds_and_runs(name):
 
 def test_expert_choice_gives_each_expert_exactly_c_tokens():
     torch.manual_seed(1)
-    router = routers.create("expert_choice", dim=D, num_experts=5, capacity_factor=1.5)
+    router = routers.create("expert_choice", dim=D, num_experts=5, experts_per_token=1.5)
     x = torch.randn(40, D)
     r = router(x, torch.zeros(40, dtype=torch.long), torch.zeros(40, dtype=torch.long))
     c = math.ceil(40 * 1.5 / 5)
@@ -46,6 +46,14 @@ def test_expert_choice_gives_each_expert_exactly_c_tokens():
     assert per_token.min() >= 0 and per_token.max() <= 5 and per_token.sum() == 5 * c
     plan = plan_dispatch(r.expert_index, 5, valid=r.valid)
     assert plan.counts.tolist() == [c] * 5
+
+
+def test_expert_choice_old_capacity_factor_name_still_works_with_a_warning():
+    with pytest.warns(DeprecationWarning, match="experts_per_token"):
+        old = routers.create("expert_choice", dim=D, num_experts=5, capacity_factor=1.5)
+    assert old.experts_per_token == 1.5 and old.capacity(40) == 12
+    with pytest.raises(ValueError, match="not also its old name"):
+        routers.create("expert_choice", dim=D, num_experts=5, capacity_factor=1.5, experts_per_token=1.5)
 
 
 def test_soft_moe_weights_sum_to_one_per_slot_and_per_token_within_samples():

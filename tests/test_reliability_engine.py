@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 import modalmoe.moe.experts as experts_module
+from modalmoe.checkpoint import save_checkpoint
 from modalmoe.moe import ExpertBank, FeedForward, GroupedLayout, build_moe_layer, grouped_ffn, grouped_gemm
 from modalmoe.train import CheckpointError, load_checkpoint
-from modalmoe.train.checkpoint import save_checkpoint
 
 D, H = 16, 24
 BACKENDS = ["mkl", "blocks"]

@@ -19,11 +19,14 @@ from modalmoe.train import CheckpointError, Trainer, TrainingError, load_checkpo
 
 SMALL = ["model.dim=32", "model.hidden=64", "model.heads=2", "train.epochs=4", "train.lr=0.003"]
 # (task, extra overrides, metric, chance level): chance is the majority-class rate or 1/classes.
+# The three tasks whose run takes 9-35 s on 2 cores are in the slow tier; mfeat and synthetic
+# (about 2 s) keep a learning check on real data in the default tier.
+SLOW = pytest.mark.slow
 TASKS = [
-    ("av-digits", [], "accuracy", 0.1),
-    ("watch-imu", [], "accuracy", 1 / 7),
+    pytest.param("av-digits", [], "accuracy", 0.1, marks=SLOW),
+    pytest.param("watch-imu", [], "accuracy", 1 / 7, marks=SLOW),
     ("mfeat", [], "accuracy", 0.1),
-    ("clothing-reviews", ["train.epochs=3"], "macro_f1", 0.5),
+    pytest.param("clothing-reviews", ["train.epochs=3"], "macro_f1", 0.5, marks=SLOW),
     ("synthetic", [], "accuracy", 0.5),
 ]
 
@@ -53,6 +56,7 @@ def _run(args, **kw):
 RESUME_ARGS = ["--set", "train.epochs=60", "--set", "train.checkpoint_every=5", "--quiet"]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     done = _run(["train", "tiny/token-choice-bank", "--out", str(a), *RESUME_ARGS])

@@ -26,10 +26,11 @@ from rich.console import Console
 from rich.markup import escape
 
 import modalmoe
+from modalmoe.commands import data as data_cli
+from modalmoe.commands import presets as model_cli
 from modalmoe.config import ConfigError
-from modalmoe.data import cli as data_cli
-from modalmoe.model import cli as model_cli
 from modalmoe.moe import grouped_gemm, routers
+from modalmoe.run import experiment_task, load_run_model, read_run_config
 from modalmoe.runtime import allocator_name, tune_allocator
 
 console = Console()
@@ -44,13 +45,13 @@ USAGE_ERRORS: tuple[type[Exception], ...] = (ConfigError,)
 
 
 def _usage_errors() -> tuple[type[Exception], ...]:
+    from modalmoe.checkpoint import CheckpointError
     from modalmoe.data.formats import DataFormatError
     from modalmoe.io import DamagedFile
     from modalmoe.lock import DirectoryInUse
-    from modalmoe.registry import UnknownOption
-    from modalmoe.train.checkpoint import CheckpointError
+    from modalmoe.registry import UnknownName, UnknownOption
 
-    return (*USAGE_ERRORS, CheckpointError, DataFormatError, DirectoryInUse, DamagedFile, UnknownOption)
+    return (*USAGE_ERRORS, CheckpointError, DataFormatError, DirectoryInUse, DamagedFile, UnknownName, UnknownOption)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -171,6 +172,7 @@ def train(
     freeze: str | None,
     ewc: float | None,
 ) -> int:
+    from modalmoe.lifelong import growth_callbacks
     from modalmoe.train import Trainer
 
     task_flags = {"--task": new_task, "--task-option": task_options or None, "--previous": previous}
@@ -198,7 +200,9 @@ def train(
         out = str(source) if source.is_dir() else str(Path("runs") / (experiment.name or source.stem).replace("/", "-"))
     if resume and overwrite:
         raise click.UsageError("--resume continues the run, --overwrite deletes it and starts over: pass one")
-    result = Trainer(experiment, out, progress=not quiet, console=console).fit(resume=resume, overwrite=overwrite)
+    callbacks = growth_callbacks(experiment, console)  # a grown run's part (modalmoe.lifelong); else none
+    trainer = Trainer(experiment, out, progress=not quiet, console=console, callbacks=callbacks)
+    result = trainer.fit(resume=resume, overwrite=overwrite)
     if result.test:  # under torchrun only rank 0 evaluates and reports
         shown = ", ".join(f"{k} {v:.4f}" for k, v in result.test.items())
         console.print(f"trained {result.steps} steps ({result.epochs} epochs) -> {result.run_dir}; test: {shown}")
@@ -223,7 +227,6 @@ def _task_options(pairs: tuple[str, ...]) -> dict | None:
 def _grown_experiment(config, run_dir, modality, task_label, task, grow, overrides, out):
     """The experiment of ``train --continue-from RUN_DIR --add-modality NAME`` (or
     ``--add-task LABEL``) and its --out."""
-    from modalmoe.train import read_run_config
 
     if config is not None:
         raise click.UsageError(f"give either CONFIG ({config!r}) or --continue-from RUN_DIR, not both")
@@ -273,7 +276,6 @@ def evaluate_command(
     from modalmoe.evaluate.runner import evaluate
     from modalmoe.io import atomic_write_text
     from modalmoe.lifelong.tasks import task_data
-    from modalmoe.train.trainer import load_run_model, read_run_config
 
     levels = _levels(noise)
     config = read_run_config(run_dir)
@@ -324,7 +326,7 @@ def analyze(run_dir: str, split: str, out_path: str | None, checkpoint: str) -> 
     from modalmoe.analysis.report import write_report
 
     if (Path(run_dir) / "results.jsonl").exists():  # a bench directory
-        from modalmoe.analysis.bench_index import write_bench_index
+        from modalmoe.bench.routing_index import write_bench_index
 
         path = write_bench_index(run_dir, console=console)
         console.print(f"index -> {path}")
@@ -347,7 +349,6 @@ def profile(source: str, overrides: tuple[str, ...], repeats: int, json_path: st
     from modalmoe.efficiency.profile import profile_model
     from modalmoe.io import atomic_write_text
     from modalmoe.model.multimodal import build_model
-    from modalmoe.train.trainer import experiment_task, load_run_model
 
     path = Path(source)
     if path.is_dir() and (path / "config.yaml").is_file():

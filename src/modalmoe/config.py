@@ -26,6 +26,8 @@ from pydantic import (
     model_validator,
 )
 
+from modalmoe import registry
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message says what is wrong and how to fix it."""
@@ -95,9 +97,11 @@ class MoEConfig(_Strict):
     @field_validator("router")
     @classmethod
     def _known_router(cls, name: str) -> str:
-        from modalmoe.moe.routers import routers
-
-        _known(routers, name)
+        known = registry.family("router")  # registered by modalmoe.moe (the package imports it)
+        if known is not None and name not in known:
+            close = difflib.get_close_matches(name, known.names(), n=3)
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise ValueError(f"unknown router {name!r}{hint} (known: {', '.join(known.names())})")
         return name
 
     @model_validator(mode="after")
@@ -415,7 +419,7 @@ class CollapseConfig(_Strict):
 
 class LoRAConfig(_Strict):
     """Low-rank adaptation (LoRA, Hu et al. 2021): train small adapters on a frozen base
-    (``modalmoe.efficiency.lora``); usually with ``train.init_from`` a trained run.
+    (``modalmoe.model.lora``); usually with ``train.init_from`` a trained run.
 
     Attributes:
         rank: adapter rank r; 0 turns LoRA off (every parameter trains as usual).
@@ -642,13 +646,6 @@ class ExperimentConfig(_Strict):
                 f"model.moe.aux_losses (now {self.model.moe.aux_losses}) or set their weight to 0"
             )
         return self
-
-
-def _known(registry, name: str) -> None:
-    if name not in registry:
-        close = difflib.get_close_matches(name, registry.names(), n=3)
-        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(f"unknown {registry.family} {name!r}{hint} (known: {', '.join(registry.names())})")
 
 
 # --- loading, overrides, errors -------------------------------------------------------------

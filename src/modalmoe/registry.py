@@ -14,6 +14,24 @@ from typing import Any, Generic, TypeVar
 T = TypeVar("T")
 
 
+_FAMILIES: dict[str, Registry] = {}
+
+
+def family(name: str) -> Registry | None:
+    """The registry of a family ("router", ...) once the module that creates it is imported.
+
+    Lets ``modalmoe.config`` check a component's name when a config is validated without
+    importing the room that defines the component (configs sit on the lowest floor)."""
+    return _FAMILIES.get(name)
+
+
+class UnknownName(KeyError):
+    """No component is registered under that name; the message lists the known ones."""
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0]) if self.args else ""
+
+
 class UnknownOption(TypeError):
     """A component was given an option it does not take; the message lists the ones it does."""
 
@@ -31,6 +49,7 @@ class Registry(Generic[T]):
     def __init__(self, family: str) -> None:
         self.family = family
         self._entries: dict[str, Callable[..., T]] = {}
+        _FAMILIES[family] = self
 
     def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
         """Decorator that registers a class or factory under ``name``."""
@@ -44,13 +63,15 @@ class Registry(Generic[T]):
         return decorator
 
     def get(self, name: str) -> Callable[..., T]:
-        """The constructor registered under ``name``; raises ``KeyError`` listing known names."""
+        """The constructor registered under ``name``; raises ``UnknownName`` (a ``KeyError``)
+        listing the known names. Configs name components freely; the name is checked here,
+        when the component is built, so that ``config`` needs no registry below it."""
         try:
             return self._entries[name]
         except KeyError:
             close = difflib.get_close_matches(name, self._entries, n=3)
             hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise KeyError(
+            raise UnknownName(
                 f"unknown {self.family} {name!r}.{hint} Known {self.family}s: {', '.join(self.names())}"
             ) from None
 

@@ -39,6 +39,7 @@ from modalmoe.analysis.routing import (
 )
 from modalmoe.io import read_jsonl
 from modalmoe.moe.types import RoutingRecord
+from modalmoe.run import experiment_task, load_run_model, read_run_config
 
 MAX_VIEWS = 6  # samples drawn in the per-sample views
 
@@ -231,7 +232,6 @@ def _sample_views(model, dataset, collected: Collected, layer: int, names: list[
 def build_report(run_dir: str | Path, *, split: str = "test", which: str = "best") -> str:
     """The HTML of a run's routing report."""
     from modalmoe.evaluate.robustness import modality_subsets
-    from modalmoe.train.trainer import experiment_task, load_run_model, read_run_config
 
     started = time.perf_counter()
     run_dir = Path(run_dir)

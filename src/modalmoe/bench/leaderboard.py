@@ -1,9 +1,10 @@
 """The leaderboard: per task, each design's test metric over seeds (mean, 95% CI), its paired
 difference from the best dense baseline (Holm-adjusted p-value, significance marked),
 robustness, and cost; written as a terminal table, ``leaderboard.md``, ``results.csv`` and
-Pareto plots (metric against active FLOPs and against batch-1 latency). Lifelong protocols
-add a "Lifelong" table each (forgetting and gain per method, ``bench/lifelong.py``), task
-sequences a "Task sequences" table each (``bench/sequence.py``).
+Pareto plots (metric against active FLOPs and against batch-1 latency). Each kind of cell
+with a section of its own adds it after these (``tables.sections``): lifelong protocols a
+"Lifelong" table each (forgetting and gain per method, ``bench/lifelong.py``), task sequences
+a "Task sequences" table each (``bench/sequence.py``).
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
-from modalmoe.bench.store import ResultsStore
+from modalmoe.bench.cells import in_suite_order
+from modalmoe.bench.stats import holm, paired_test, significance, summarize
+from modalmoe.bench.store import Record, ResultsStore
+from modalmoe.bench.tables import markdown_table, scale, sections, terminal_table
+from modalmoe.evaluate.metrics import direction
+from modalmoe.evaluate.robustness import effective_robustness
 from modalmoe.evaluate.runner import ALL
 from modalmoe.io import atomic_path, atomic_write_text
-
-LOWER_IS_BETTER = {"mse", "mae", "nll", "ece"}
 
 
 @dataclass
@@ -54,9 +57,6 @@ def _mean(values) -> float | None:
 
 def task_rows(records: list[dict], metric: str) -> list[Row]:
     """The leaderboard rows of one task's records."""
-    from modalmoe.bench.stats import holm, paired_test, significance, summarize
-    from modalmoe.evaluate.robustness import effective_robustness
-
     by_design: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         if r.get("status") == "ok":
@@ -83,7 +83,7 @@ def task_rows(records: list[dict], metric: str) -> list[Row]:
         }
         row.cost["train_seconds"] = _mean(r.get("train_seconds") for r in recs)
         rows.append(row)
-    sign = -1 if metric in LOWER_IS_BETTER else 1
+    sign = -1 if direction(metric) == "min" else 1
     rows.sort(key=lambda row: -sign * row.summary.mean)
     dense = [row for row in rows if row.dense]
     if dense:
@@ -124,8 +124,8 @@ def _fmt(value, scale: float = 1.0, digits: int = 1) -> str:
 
 
 def table_rows(rows: list[Row], metric: str) -> tuple[list[str], list[list[str]]]:
-    scale = 100.0 if metric in ("accuracy", "macro_f1", "auroc") else 1.0
-    unit = " (%)" if scale == 100.0 else ""
+    points = scale(metric)
+    unit = " (%)" if points == 100.0 else ""
     header = [
         "design",
         f"{metric}{unit} ± 95% CI",
@@ -145,17 +145,17 @@ def table_rows(rows: list[Row], metric: str) -> tuple[list[str], list[list[str]]
     out = []
     for row in rows:
         s = row.summary
-        ci = f"{s.mean * scale:.1f} ± {(s.ci_high - s.mean) * scale:.1f}" if s.n > 1 else f"{s.mean * scale:.1f}"
-        delta = "" if row.delta is None else f"{row.delta * scale:+.1f}" + (" *" if row.significant else "")
+        ci = f"{s.mean * points:.1f} ± {(s.ci_high - s.mean) * points:.1f}" if s.n > 1 else f"{s.mean * points:.1f}"
+        delta = "" if row.delta is None else f"{row.delta * points:+.1f}" + (" *" if row.significant else "")
         out.append(
             [
                 row.design + (" (dense)" if row.dense else ""),
                 ci,
                 "best dense" if row.dense and row.delta is None and row.p is None else delta,
                 "" if row.p is None else f"{row.p:.3f}",
-                _fmt(row.missing, scale),
-                _fmt(row.noise_rr, scale, 2),
-                _fmt(row.noise_er, scale, 2),
+                _fmt(row.missing, points),
+                _fmt(row.noise_rr, points, 2),
+                _fmt(row.noise_er, points, 2),
                 _fmt(row.cost.get("flops"), 1e-6, 3),
                 _fmt(row.cost.get("params"), 1, 0),
                 _fmt(row.cost.get("active_params"), 1, 0),
@@ -200,9 +200,7 @@ def markdown(boards: dict, suite_name: str, environment: dict | None) -> str:
     ]
     for task, (metric, rows) in boards.items():
         header, body = table_rows(rows, metric)
-        lines += [f"## {task}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(cells) + " |" for cells in body]
-        lines.append("")
+        lines += [f"## {task}", "", *markdown_table(header, body), ""]
     return "\n".join(lines)
 
 
@@ -212,12 +210,8 @@ TERMINAL = (0, 1, 2, 3, 4, 5, 7, 9, 10, 13)  # the columns that fit a terminal; 
 def print_boards(boards: dict, console: Console) -> None:
     for task, (metric, rows) in boards.items():
         header, body = table_rows(rows, metric)
-        table = Table(title=f"{task} ({metric})", title_justify="left")
-        for i in TERMINAL:
-            table.add_column(header[i], justify="left" if i == 0 else "right", no_wrap=True)
-        for cells in body:
-            table.add_row(*(cells[i] for i in TERMINAL))
-        console.print(table)
+        columns = [header[i] for i in TERMINAL]
+        console.print(terminal_table(f"{task} ({metric})", columns, [[cells[i] for i in TERMINAL] for cells in body]))
 
 
 def pareto_plots(boards: dict, out: Path) -> list[Path]:
@@ -233,7 +227,7 @@ def pareto_plots(boards: dict, out: Path) -> list[Path]:
         points = [r for r in rows if r.cost.get("flops") is not None]
         if not points:
             continue
-        sign = -1 if metric in LOWER_IS_BETTER else 1
+        sign = -1 if direction(metric) == "min" else 1
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         for ax, key, label in ((axes[0], "flops", "MFLOPs per sample"), (axes[1], "latency_b1_ms", "latency b1 (ms)")):
             xs = [r.cost[key] * (1e-6 if key == "flops" else 1) for r in points]
@@ -262,21 +256,20 @@ def pareto_plots(boards: dict, out: Path) -> list[Path]:
     return paths
 
 
-def write_outputs(out: Path, records: list[dict], suite, *, console: Console | None = None) -> dict:
-    """leaderboard.md, results.csv, Pareto PNGs; prints the leaderboard."""
-    from modalmoe.bench.lifelong import lifelong_markdown, print_lifelong
-    from modalmoe.bench.sequence import print_sequences, sequence_markdown
-
+def write_outputs(out: Path, records: list[Record], suite, *, console: Console | None = None) -> dict:
+    """leaderboard.md (the boards, then each kind's section), results.csv, Pareto PNGs; prints
+    the leaderboard."""
     boards = leaderboards(records)
+    kinds = [sections.get(name)(records, suite) for name in in_suite_order(sections.names())]
     env = next((r.get("environment") for r in records if r.get("environment")), None)
-    text = markdown(boards, suite.name, env) + lifelong_markdown(records, suite) + sequence_markdown(records, suite)
+    text = markdown(boards, suite.name, env) + "".join(section.markdown() for section in kinds)
     atomic_write_text(out / "leaderboard.md", text)
     ResultsStore(out).write_csv()
     pareto_plots(boards, out)
     if console is not None:
         print_boards(boards, console)
-        print_lifelong(records, console, suite)
-        print_sequences(records, console, suite)
+        for section in kinds:
+            section.print(console)
     return boards
 
 

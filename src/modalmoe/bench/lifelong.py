@@ -16,26 +16,29 @@ A suite's ``lifelong`` protocol (``suites.LifelongProtocol``) gives two kinds of
 
 A stage-2 cell ``needs`` its stage-1 cell: the runner starts it once that one has finished
 (``runner.run_bench``), so each stage-1 run is trained once and shared by its seed's methods.
+The planner and the leaderboard section are registered under the suite field ``lifelong``.
 """
 
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
+from modalmoe.bench.cells import LifelongError, planners
 from modalmoe.bench.suites import LifelongProtocol, SuiteConfig
-from modalmoe.config import ConfigError
-
-
-class LifelongError(ConfigError):
-    """A lifelong cell cannot run as planned (an unknown modality, stage 1 missing)."""
+from modalmoe.bench.tables import MethodsSection, mean_std, scale, sections
+from modalmoe.bench.training import evaluate_with_axes, train_run, trained_fields
+from modalmoe.data.tasks import load_task
+from modalmoe.evaluate.runner import evaluate
+from modalmoe.lifelong.grow import continue_run
+from modalmoe.model.presets import get_preset
+from modalmoe.train import load_run_model
+from modalmoe.train.trainer import experiment_task
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,6 @@ class LifelongCell:
     label: str
     stage1: str
 
-    imbalance = None  # the runner's training-imbalance axis does not apply
-
     @property
     def key(self) -> tuple[str, str, int]:
         return self.task, self.label, self.seed
@@ -71,7 +72,12 @@ class LifelongCell:
         """The key of the cell that must finish first (stage 1 of the same seed)."""
         return None if self.method is None else (self.task, self.stage1, self.seed)
 
+    def run(self, suite: SuiteConfig, out: Path, budget: float | None) -> dict:
+        """Train and measure the cell (lifelong cells use the presets' sizes: no budget)."""
+        return run_lifelong_cell(self, suite, out)
 
+
+@planners.register("lifelong")
 def plan_lifelong(suite: SuiteConfig) -> list[LifelongCell]:
     """The lifelong cells of ``suite``: per protocol, stage 1 of every seed (once, even when
     protocols share it), then every (method, seed). Checks each protocol's modalities."""
@@ -92,8 +98,6 @@ def plan_lifelong(suite: SuiteConfig) -> list[LifelongCell]:
 
 def check_modalities(suite: SuiteConfig, protocol: LifelongProtocol) -> None:
     """Raise ``LifelongError`` unless ``first`` and ``add`` are modalities of the task."""
-    from modalmoe.data.tasks import load_task
-
     config = _preset(suite, protocol, 0, modalities=False)
     known = list(load_task(config.task, **config.task_options).specs)
     unknown = [m for m in [*protocol.first, *protocol.add] if m not in known]
@@ -105,8 +109,6 @@ def check_modalities(suite: SuiteConfig, protocol: LifelongProtocol) -> None:
 
 
 def _preset(suite: SuiteConfig, protocol: LifelongProtocol, seed: int, *, modalities: bool = True):
-    from modalmoe.model.presets import get_preset
-
     overrides = [*suite.overrides, *suite.task_overrides.get(protocol.task, []), *protocol.overrides]
     overrides.append(f"train.seed={seed}")
     if modalities:
@@ -126,11 +128,6 @@ def run_directory(out: Path, protocol: LifelongProtocol, seed: int, method: str 
 def run_lifelong_cell(cell: LifelongCell, suite: SuiteConfig, out: Path) -> dict:
     """Train and measure one lifelong cell; returns the record's fields (raises on failure,
     which ``runner.run_cell`` records)."""
-    from modalmoe.bench.runner import evaluate_with_axes, train_run, trained_fields
-    from modalmoe.evaluate.runner import evaluate
-    from modalmoe.train import load_run_model
-    from modalmoe.train.trainer import experiment_task
-
     protocol = suite.lifelong[cell.protocol]
     run_dir = run_directory(out, protocol, cell.seed, cell.method)
     if cell.method is None:
@@ -161,8 +158,6 @@ def run_lifelong_cell(cell: LifelongCell, suite: SuiteConfig, out: Path) -> dict
 
 def _grown(suite: SuiteConfig, protocol: LifelongProtocol, cell: LifelongCell, source: Path):
     """The stage-2 experiment: the stage-1 run grown by ``protocol.add`` with the cell's method."""
-    from modalmoe.lifelong.grow import continue_run
-
     if not (source / "summary.json").exists():
         raise LifelongError(
             f"stage 1 of this cell ({cell.task} {cell.stage1}, seed {cell.seed}) has no finished run at "
@@ -241,23 +236,14 @@ def lifelong_tables(records: list[dict], suite: SuiteConfig | None = None) -> di
         for method in names:
             recs = sorted(methods[method], key=lambda r: r["seed"])
             block = recs[0]["lifelong"]
-            scale = 100.0 if block["metric"] in ("accuracy", "macro_f1", "auroc") else 1.0
-            row = {"method": method, "metric": block["metric"], "scale": scale, "options": block["options"]}
+            points = scale(block["metric"])
+            row = {"method": method, "metric": block["metric"], "scale": points, "options": block["options"]}
             row["seeds"] = [r["seed"] for r in recs]
             for column in COLUMNS:
-                row[column] = [scale * r["lifelong"][column] for r in recs if r["lifelong"].get(column) is not None]
+                row[column] = [points * r["lifelong"][column] for r in recs if r["lifelong"].get(column) is not None]
             rows.append(row)
         tables[key] = rows
     return tables
-
-
-def mean_std(values: list[float]) -> str:
-    """``mean ± sample std`` (one value: the value)."""
-    if not values:
-        return ""
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
 HEADER = [
@@ -294,7 +280,8 @@ def _title(task: str, protocol: str, rows: list[dict]) -> str:
     return f"{task}: {design}, {first.replace('+', ' + ')} → {add.replace('+', '+ ', 1)} ({metric})"
 
 
-def lifelong_markdown(records: list[dict], suite: SuiteConfig | None = None) -> str:
+@sections.register("lifelong")
+def lifelong_section(records: list[dict], suite: SuiteConfig | None = None) -> MethodsSection:
     """The leaderboard's "Lifelong" section (empty without lifelong records)."""
     intro = (
         "Stage 1 trains on the first modalities; stage 2 grows that run (the same seed) by the added ones "
@@ -303,37 +290,4 @@ def lifelong_markdown(records: list[dict], suite: SuiteConfig | None = None) -> 
         "(after − before for a lower-is-better metric); all after: with every modality; new only: with only the "
         "added ones; gain: all after − old before."
     )
-    return methods_markdown("Lifelong", intro, lifelong_tables(records, suite), HEADER, _cells, _title)
-
-
-def print_lifelong(records: list[dict], console: Console, suite: SuiteConfig | None = None) -> None:
-    print_methods(console, "lifelong", lifelong_tables(records, suite), HEADER, _cells, _title)
-
-
-# --- per-method tables, shared with bench/sequence.py ---------------------------------------
-
-
-def methods_markdown(heading: str, intro: str, tables: dict, header: list[str], cells, title) -> str:
-    """A leaderboard section: ``## heading``, ``intro``, then per (task, protocol) of
-    ``tables`` a ``###`` title and one row per method (``cells(row)``; columns 2 and 3 left
-    aligned, the others right). Empty without tables."""
-    if not tables:
-        return ""
-    lines = ["", f"## {heading}", "", intro, ""]
-    for (task, protocol), rows in tables.items():
-        lines += [f"### {title(task, protocol, rows)}", ""]
-        lines += ["| " + " | ".join(header) + " |", "|---|---:|---|---:|" + "---:|" * (len(header) - 4)]
-        lines += ["| " + " | ".join(cells(row)) + " |" for row in rows]
-        lines.append("")
-    return "\n".join(lines)
-
-
-def print_methods(console: Console, prefix: str, tables: dict, header: list[str], cells, title) -> None:
-    """``methods_markdown``'s tables in the terminal."""
-    for (task, protocol), rows in tables.items():
-        table = Table(title=f"{prefix} {title(task, protocol, rows)}", title_justify="left")
-        for i, name in enumerate(header):
-            table.add_column(name, justify="left" if i in (0, 2) else "right", no_wrap=True)
-        for row in rows:
-            table.add_row(*cells(row))
-        console.print(table)
+    return MethodsSection("Lifelong", "lifelong", intro, lifelong_tables(records, suite), HEADER, _cells, _title)

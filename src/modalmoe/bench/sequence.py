@@ -22,6 +22,8 @@ The leaderboard's table per protocol and method, from the stages of each seed:
   (score after the last task), in the metric's better direction;
 - ``transfer``: the mean over the later tasks of (score right after learning it in the
   sequence) minus (score of that task trained alone), forward transfer.
+
+The planner and the leaderboard section are registered under the suite field ``sequences``.
 """
 
 from __future__ import annotations
@@ -35,10 +37,14 @@ from pathlib import Path
 
 from rich.console import Console
 
-from modalmoe.bench.lifelong import LifelongError, mean_std, methods_markdown, print_methods
+from modalmoe.bench.cells import LifelongError, planners
 from modalmoe.bench.suites import SuiteConfig, TaskSequenceProtocol
-
-SCALED = ("accuracy", "macro_f1", "auroc")  # shown in points
+from modalmoe.bench.tables import MethodsSection, mean_std, scale, sections
+from modalmoe.bench.training import evaluate_with_axes, train_run, trained_fields
+from modalmoe.evaluate.runner import evaluate
+from modalmoe.lifelong.tasks import continue_task, task_data
+from modalmoe.model.presets import get_preset
+from modalmoe.train.trainer import experiment_task
 
 
 @dataclass(frozen=True)
@@ -65,8 +71,6 @@ class SequenceCell:
     label: str
     previous: str
 
-    imbalance = None  # the runner's training-imbalance axis does not apply
-
     @property
     def key(self) -> tuple[str, str, int]:
         return self.task, self.label, self.seed
@@ -76,7 +80,12 @@ class SequenceCell:
         """The key of the cell that must finish first (the previous stage, same seed)."""
         return (self.task, self.previous, self.seed) if self.previous else None
 
+    def run(self, suite: SuiteConfig, out: Path, budget: float | None) -> dict:
+        """Train and measure the cell (sequences use the presets' sizes: no budget)."""
+        return run_sequence_cell(self, suite, out)
 
+
+@planners.register("sequences")
 def plan_sequences(suite: SuiteConfig) -> list[SequenceCell]:
     """The cells of ``suite.sequences``, each after the one it needs: the first stage of
     every seed, the scratch runs, then step by step every (method, seed)."""
@@ -111,8 +120,6 @@ def run_directory(out: Path, p: TaskSequenceProtocol, seed: int, step: int, meth
 
 def _alone_config(suite: SuiteConfig, p: TaskSequenceProtocol, step: int, seed: int):
     """``<task>/<design>`` on step ``step``'s data, with the suite's and protocol's overrides."""
-    from modalmoe.model.presets import get_preset
-
     overrides = [*suite.overrides, *suite.task_overrides.get(p.task, []), *p.overrides]
     overrides += [f"task_options.{k}={json.dumps(v)}" for k, v in p.sequence[step].options.items()]
     return get_preset(f"{p.task}/{p.design}", overrides=[*overrides, f"train.seed={seed}"])
@@ -120,8 +127,6 @@ def _alone_config(suite: SuiteConfig, p: TaskSequenceProtocol, step: int, seed: 
 
 def _stage_config(suite: SuiteConfig, p: TaskSequenceProtocol, cell: SequenceCell, out: Path):
     """A later stage: the previous stage's run continued by this step's task."""
-    from modalmoe.lifelong.tasks import continue_task
-
     source = run_directory(out, p, cell.seed, cell.step - 1, None if cell.step == 1 else cell.method)
     if not (source / "summary.json").exists():
         raise LifelongError(
@@ -147,11 +152,6 @@ def _stage_config(suite: SuiteConfig, p: TaskSequenceProtocol, cell: SequenceCel
 def run_sequence_cell(cell: SequenceCell, suite: SuiteConfig, out: Path) -> dict:
     """Train and measure one cell; returns the record's fields (raises on failure, which
     ``runner.run_cell`` records)."""
-    from modalmoe.bench.runner import evaluate_with_axes, train_run, trained_fields
-    from modalmoe.evaluate.runner import evaluate
-    from modalmoe.lifelong.tasks import task_data
-    from modalmoe.train.trainer import experiment_task
-
     p = suite.sequences[cell.protocol]
     run_dir = run_directory(out, p, cell.seed, cell.step, cell.method)
     if cell.method is None:
@@ -223,7 +223,7 @@ def sequence_tables(records: list[dict], suite: SuiteConfig | None = None) -> di
     tables = {}
     for key, methods in stages.items():
         metric, mode = info[key]["metric"], info[key]["mode"]
-        scale, sign = (100.0 if metric in SCALED else 1.0), (-1.0 if mode == "min" else 1.0)
+        points, sign = scale(metric), (-1.0 if mode == "min" else 1.0)
         names, labels = order.get(key, (sorted(methods), None))
         names = [m for m in names if m in methods] + sorted(set(methods) - set(names))
         rows = []
@@ -232,7 +232,7 @@ def sequence_tables(records: list[dict], suite: SuiteConfig | None = None) -> di
             finals = [statistics.mean(s.values()) for s in seeds_alone.values() if set(s) == set(labels)]
             if finals:
                 row = {"method": "alone", "options": None, "seeds": len(finals)}
-                row |= {c: [] for c in COLUMNS} | {"final": [scale * v for v in finals]}
+                row |= {c: [] for c in COLUMNS} | {"final": [points * v for v in finals]}
                 rows.append(row)
         for method in names:
             row = {"method": method, "options": info[key]["methods"][method], "seeds": 0}
@@ -249,16 +249,16 @@ def sequence_tables(records: list[dict], suite: SuiteConfig | None = None) -> di
                 learned |= {by_step[k]["task"]: by_step[k]["scores"][by_step[k]["task"]] for k in by_step}
                 final = by_step[last]["scores"]
                 row["seeds"] += 1
-                row["final"].append(scale * statistics.mean(final.values()))
+                row["final"].append(points * statistics.mean(final.values()))
                 earlier = task_labels[:-1]
-                row["forgetting"].append(scale * statistics.mean(sign * (learned[t] - final[t]) for t in earlier))
+                row["forgetting"].append(points * statistics.mean(sign * (learned[t] - final[t]) for t in earlier))
                 transfer = [sign * (learned[t] - first[t]) for t in task_labels[1:] if t in first]
                 if len(transfer) == len(task_labels) - 1:
-                    row["transfer"].append(scale * statistics.mean(transfer))
-                row["first_learned"].append(scale * learned[task_labels[0]])
-                row["first_final"].append(scale * final[task_labels[0]])
+                    row["transfer"].append(points * statistics.mean(transfer))
+                row["first_learned"].append(points * learned[task_labels[0]])
+                row["first_final"].append(points * final[task_labels[0]])
             rows.append(row)
-        tables[key] = [{"metric": metric, "scale": scale, **row} for row in rows]
+        tables[key] = [{"metric": metric, "scale": points, **row} for row in rows]
     return tables
 
 
@@ -295,7 +295,8 @@ def _title(task: str, protocol: str, rows: list[dict]) -> str:
     return f"{task}: {design}, tasks {' → '.join(labels.split('>'))} ({metric})"
 
 
-def sequence_markdown(records: list[dict], suite: SuiteConfig | None = None) -> str:
+@sections.register("sequences")
+def sequence_section(records: list[dict], suite: SuiteConfig | None = None) -> MethodsSection:
     """The leaderboard's "Task sequences" section (empty without such records)."""
     intro = (
         "Tasks learned one after another, each with its own head (and the method's new experts, reserved for it); "
@@ -304,8 +305,5 @@ def sequence_markdown(records: list[dict], suite: SuiteConfig | None = None) -> 
         "learning it − after the last task); forward transfer: the mean over later tasks of (right after learning "
         "it in the sequence − trained alone); alone: every task trained alone."
     )
-    return methods_markdown("Task sequences", intro, sequence_tables(records, suite), HEADER, _cells, _title)
-
-
-def print_sequences(records: list[dict], console: Console, suite: SuiteConfig | None = None) -> None:
-    print_methods(console, "task sequence", sequence_tables(records, suite), HEADER, _cells, _title)
+    tables = sequence_tables(records, suite)
+    return MethodsSection("Task sequences", "task sequence", intro, tables, HEADER, _cells, _title)

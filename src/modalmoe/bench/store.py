@@ -4,6 +4,9 @@ Each append rewrites the file through ``modalmoe.io.atomic_path`` (temp file, fs
 rename), so a reader or a killed bench sees every finished cell or none of a half-written
 one: an interrupted bench loses at most the cells in flight. ``--resume`` skips the cells
 whose record says ``"status": "ok"``.
+
+A record is a plain JSON object (``Record`` documents its fields): the store reads and writes
+the file as it always has, so a ``results.jsonl`` of an older version still loads.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 import platform
 import subprocess
 from pathlib import Path
+from typing import Any, Literal, Required, TypedDict
 
 import torch
 
@@ -22,7 +26,68 @@ import modalmoe
 from modalmoe.io import atomic_write_text
 
 
-def cell_key(record: dict) -> tuple[str, str, int]:
+class Record(TypedDict, total=False):
+    """One line of ``results.jsonl``: what a cell (or an efficiency variant of one) measured.
+
+    A dict, not a dataclass: records go to and from JSON unchanged (an old file loads as it
+    is, and a kind of cell adds its own block, ``lifelong`` or ``sequence``, without a new
+    type), and the leaderboard reads them with ``.get``.
+
+    Every record (``runner.run_cell`` writes these around the cell's own fields):
+        task: the task file; with ``design`` and ``seed`` the cell's key (``cell_key``).
+        design: the design label (``token-choice``, ``token-choice@m0=0.2``, ``...:grow``).
+        seed: the seed.
+        base_design: the preset design the label derives from.
+        status: ``ok``, or ``failed`` with ``error`` (one line) and ``traceback``.
+        seconds: wall-clock seconds of the whole cell.
+        overhead_seconds: ``seconds`` less ``train_seconds`` and ``eval_seconds``.
+        environment: package versions, CPU, threads, git commit (``environment()``).
+
+    Every finished record: ``metrics`` (test split, by name), ``train_seconds``,
+    ``eval_seconds``; ``valid`` (best validation metrics) where the cell trains or fits.
+    A trained model's record (``training.trained_fields``) adds ``config``, ``run_dir``,
+    ``evaluation`` (``EvalReport.to_dict``), ``epochs``, ``steps``, the cost fields
+    (``training.cost_fields``) and ``matched`` (compute matching, or None). The kinds add:
+    ``unimodal`` (logistic regression), ``skipped_variants`` (designs), ``compressed``
+    (efficiency variants, ``bench/variants.py``), ``lifelong`` (``bench/lifelong.py``),
+    ``sequence`` (``bench/sequence.py``); a new kind's block is just another key.
+    """
+
+    task: Required[str]
+    design: Required[str]
+    seed: Required[int]
+    base_design: str
+    status: Literal["ok", "failed"]
+    error: str
+    traceback: str
+    seconds: float
+    overhead_seconds: float
+    environment: dict[str, Any] | None
+    metrics: dict[str, float]
+    valid: dict[str, float]
+    train_seconds: float
+    eval_seconds: float
+    config: dict[str, Any]
+    run_dir: str
+    evaluation: dict[str, Any]
+    epochs: int
+    steps: int
+    flops: float
+    params: int
+    active_params: float
+    flops_components: dict[str, float]
+    latency_b1_ms: float
+    latency_b64_ms: float
+    memory_b64_mib: float
+    matched: dict[str, Any] | None
+    unimodal: dict[str, float]
+    skipped_variants: dict[str, str]
+    compressed: dict[str, Any]
+    lifelong: dict[str, Any]
+    sequence: dict[str, Any]
+
+
+def cell_key(record: Record) -> tuple[str, str, int]:
     return record["task"], record["design"], int(record["seed"])
 
 
@@ -33,7 +98,7 @@ class ResultsStore:
         self.directory = Path(directory)
         self.path = self.directory / "results.jsonl"
 
-    def records(self) -> list[dict]:
+    def records(self) -> list[Record]:
         if not self.path.exists():
             return []
         out = []
@@ -49,7 +114,7 @@ class ResultsStore:
         """Keys of the cells that completed successfully."""
         return {cell_key(r) for r in self.records() if r.get("status") == "ok"}
 
-    def append(self, record: dict) -> None:
+    def append(self, record: Record) -> None:
         """Add one record; a failed earlier attempt at the same cell is replaced."""
         key = cell_key(record)
         kept = [r for r in self.records() if cell_key(r) != key]

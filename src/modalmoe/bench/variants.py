@@ -14,6 +14,11 @@ import time
 from pathlib import Path
 
 from modalmoe.bench.suites import CompressConfig, SuiteConfig
+from modalmoe.bench.training import cell_config, cost_fields, train_run
+from modalmoe.config import ExperimentConfig, apply_overrides, validate
+from modalmoe.efficiency.compress import compress_model
+from modalmoe.moe.routers import routers
+from modalmoe.train import load_run_model
 
 
 def applies(spec: CompressConfig, config) -> str | None:
@@ -22,8 +27,6 @@ def applies(spec: CompressConfig, config) -> str | None:
     if spec.method in ("prune-experts", "merge-experts", "distill") and not moe.every:
         return "needs an MoE model"
     if spec.method in ("prune-experts", "merge-experts"):
-        from modalmoe.moe.routers import routers
-
         if not routers.get(moe.router).expert_params:
             return f"router {moe.router!r} does not support dropping experts"
         if spec.experts >= moe.num_experts:
@@ -39,9 +42,6 @@ def applies(spec: CompressConfig, config) -> str | None:
 
 
 def _student(spec: CompressConfig, suite: SuiteConfig, task_file: str, seed: int, teacher: Path):
-    from modalmoe.bench.runner import cell_config
-    from modalmoe.config import ExperimentConfig, apply_overrides, validate
-
     config = cell_config(suite, task_file, spec.student, seed)
     objectives = [
         {"name": "cross_entropy", "weight": 0.5},
@@ -58,17 +58,13 @@ def run_variants(
     """Records of every applicable variant of a trained cell, and the skipped ones' reasons.
 
     Args:
-        cell: the bench cell (task, design, seed).
+        cell: the design cell (``designs.DesignCell``: task, design, label, seed).
         config: the cell's (compute-matched) experiment config.
         task: the cell's task.
         run_dir: the trained cell's run directory (the teacher for distillation).
         out: the bench directory.
         evaluate_model: ``model -> (EvalReport, seconds)`` with the suite's robustness axes.
     """
-    from modalmoe.bench.runner import cost_fields, train_run
-    from modalmoe.efficiency.compress import compress_model
-    from modalmoe.train import load_run_model
-
     records, skipped = [], {}
     for spec in suite.compress:
         reason = applies(spec, config)

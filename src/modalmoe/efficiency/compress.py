@@ -24,7 +24,9 @@ from pathlib import Path
 from torch import nn
 
 from modalmoe.config import ConfigError
+from modalmoe.efficiency.tokens import apply_token_reduction
 from modalmoe.io import atomic_write_text
+from modalmoe.run import experiment_task, load_run_model, read_run_config
 
 METHODS = ("int8", "prune-experts", "merge-experts", "tokens")
 
@@ -60,8 +62,6 @@ def compress_model(model: nn.Module, method: str, *, data=None, **options) -> nn
             return prune_experts(model, keep=experts, usage=usage)
         return merge_experts(model, into=experts, usage=usage, by=options.get("by") or "weights", data=data)
     if method == "tokens":
-        from modalmoe.efficiency.tokens import apply_token_reduction
-
         return apply_token_reduction(
             model,
             method=options.get("reduction") or "merge",
@@ -93,9 +93,8 @@ def compress_run(
     Returns:
         the summary written to ``out/summary.json``.
     """
+    from modalmoe.checkpoint import CheckpointError, save_checkpoint
     from modalmoe.evaluate.runner import evaluate
-    from modalmoe.train.checkpoint import CheckpointError, save_checkpoint
-    from modalmoe.train.trainer import experiment_task, load_run_model, read_run_config
 
     run_dir, out = Path(run_dir), Path(out)
     if out.exists():

@@ -28,6 +28,7 @@ from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from modalmoe.model.blocks import Block
+from modalmoe.model.quantized import Int8ExpertBank, weight_count
 from modalmoe.moe.experts import ExpertBank, FeedForward
 from modalmoe.moe.layer import MoELayer
 from modalmoe.moe.routers.base import Router
@@ -104,8 +105,6 @@ def measure_cost(model: nn.Module, batch, **forward_kwargs) -> Cost:
     """
     was_training = model.training
     model.eval()
-    from modalmoe.efficiency.quantize import Int8ExpertBank, weight_count
-
     banks = {m: name for name, m in model.named_modules() if isinstance(m, (ExpertBank, Int8ExpertBank))}
     rows: dict[str, int] = defaultdict(int)
     routed: dict[str, int] = defaultdict(int)

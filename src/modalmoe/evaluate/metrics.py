@@ -39,6 +39,15 @@ METRICS: dict[str, tuple[str, ...]] = {
 }
 """Kind -> the metric names ``task_metrics`` returns, in display order."""
 
+LOWER_IS_BETTER: frozenset[str] = frozenset({"ece", "nll", "mse", "mae"})
+"""The metrics where a smaller value is better; every other metric is higher-is-better. The
+one table of metric directions (early stopping, the leaderboard, robustness read it)."""
+
+
+def direction(metric: str) -> str:
+    """``"min"`` for a lower-is-better metric, else ``"max"``."""
+    return "min" if metric in LOWER_IS_BETTER else "max"
+
 ECE_BINS = 15  # the usual choice since Guo et al. 2017, "On Calibration of Modern Neural Networks"
 
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modalmoe.objectives.base import Objective, unwrap
+from modalmoe.run import experiment_task, load_run_model, read_run_config
 
 
 def _key(name: str) -> str:
@@ -127,7 +128,6 @@ class EWCPenalty(Objective):
     ) -> EWCPenalty:
         """The penalty for parameters ``names``, with the Fisher of run ``run_dir``'s best
         model on its own task and modalities (training split)."""
-        from modalmoe.train.trainer import experiment_task, load_run_model, read_run_config
 
         with torch.random.fork_rng(devices=[]):  # building the run's model draws an init: keep the RNG as it was
             model = load_run_model(run_dir)

@@ -1,12 +1,12 @@
 """Grow a trained run: more modalities, more experts reserved for them, the old parts kept.
 
     from modalmoe.lifelong import grow_config
-    from modalmoe.train import Trainer, read_run_config
+    from modalmoe.train import Trainer
     config = grow_config(read_run_config("runs/audio"), run_dir="runs/audio", add_modalities=["image"],
                          experts=4, freeze="experts")
     Trainer(config, "runs/audio+image").fit()
 
-or in memory, ``grown = model.add_modality("image", spec, experts=4, data=task.train)``.
+or in memory, ``grown = add_modality(model, "image", spec, experts=4, data=task.train)``.
 
 The continued experiment appends the new modalities (existing modality ids keep their
 meaning), gives each its encoder (the run's preset's entry, else the default for its kind),
@@ -36,6 +36,9 @@ import torch
 from torch import Tensor, nn
 
 from modalmoe.config import ConfigError, EncoderConfig, ExperimentConfig, ModelConfig, TrainConfig, validate
+from modalmoe.lifelong.state import expert_dims, grow_tensor
+from modalmoe.run import read_run_config
+from modalmoe.train.callbacks import Callback
 
 #: Routers whose experts can grow: one score row per expert, with the ``reserved`` mask.
 SUPPORTED_ROUTERS = ("token_choice",)
@@ -209,7 +212,6 @@ def continue_with(grow, run_dir: str | Path, overrides: Sequence[str], **options
     checked to be a finished run, then ``--set`` style ``overrides`` on the result."""
     from modalmoe.config import apply_overrides
     from modalmoe.train.init import run_checkpoint
-    from modalmoe.train.trainer import read_run_config
 
     run_checkpoint(run_dir)  # a clear error when run_dir is not a finished run
     grown = grow(read_run_config(run_dir), run_dir=run_dir, **options)
@@ -266,7 +268,7 @@ def grow_model(
     grown = build_model(config, all_specs, task_type=task_type, outputs=model.head.outputs).to(model._device)
     if data is not None:
         grown.fit(data, modalities=list(specs))
-    report = load_matching(grown, model.state_dict(), Path("<in-memory model>"), grow=True)
+    report = load_matching(grown, model.state_dict(), Path("<in-memory model>"), transform=grow_transform)
     return GrowResult(grown.train(model.training), report)
 
 
@@ -317,7 +319,7 @@ def _zero_slice(dim: int, size: int):
 
 def freeze_old(model: nn.Module, report, mode: str) -> Growth:
     """Freeze what ``mode`` says of the tensors ``model`` took from a run (``report``: the
-    ``InitReport`` of ``init_from_run(..., grow=True)``)."""
+    ``InitReport`` of ``init_from_run(..., transform=grow_transform)``)."""
     from modalmoe.lifelong.state import expert_dims, shared_expert_names
 
     if mode not in FREEZE:
@@ -352,7 +354,7 @@ def prepare_growth(model: nn.Module, objectives: nn.Module, train: TrainConfig, 
     the checkpoint keeps.
 
     Args:
-        model: the built model, after ``init_from_run(..., grow=True)``.
+        model: the built model, after ``init_from_run(..., transform=grow_transform)``.
         objectives: the trainer's ``ObjectiveSet``.
         train: the train config (``grow`` and ``init_from`` set).
         report: ``init_from_run``'s report.
@@ -375,3 +377,53 @@ def prepare_growth(model: nn.Module, objectives: nn.Module, train: TrainConfig, 
         objectives.weights["ewc"] = 1.0
         growth.ewc = names
     return growth
+
+
+def grow_transform(model: nn.Module, saved: dict[str, Any]) -> tuple[dict[str, Any], dict[str, list[int]]]:
+    """``train.init.Transform`` of a grown run: the run's state as the grown ``model`` names and
+    shapes it. A new task's head is renamed (``tasks.head_state``); each per-expert tensor whose
+    expert dimension grew takes the run's experts in its leading slice (``state.grow_tensor``)."""
+    from modalmoe.lifelong.tasks import head_state  # tasks.py builds on this module
+
+    dims = expert_dims(model)
+    saved = head_state(model, saved)  # a new task: the run's head is its own task's
+    grown: dict[str, list[int]] = {}
+    for name, value in model.state_dict().items():
+        theirs = saved.get(name)
+        if name not in dims or not isinstance(value, Tensor) or not isinstance(theirs, Tensor):
+            continue
+        bigger = grow_tensor(value, theirs, *dims[name])
+        if bigger is not None:
+            dim = dims[name][0]
+            grown[name] = [dim, theirs.shape[dim], value.shape[dim]]
+            saved[name] = bigger
+    return saved, grown
+
+
+class GrowthCallback(Callback):
+    """``train.grow``: a grown run's trainer part. Its checkpoint transform loads the run into
+    the grown model; then what came from the run is frozen or regularised (``prepare_growth``)
+    and the fixed old-expert slices are put back after every optimizer step."""
+
+    name, handles = "growth", ("train.grow",)
+
+    def __init__(self, train: TrainConfig, console=None) -> None:
+        self.train, self.console = train, console
+        self.growth: Growth | None = None
+
+    def init_transform(self):
+        return grow_transform
+
+    def on_objectives(self, model, objectives, init_report) -> None:
+        self.growth = prepare_growth(model, objectives, self.train, init_report)
+        self.fixed_parameters = self.growth.fixed
+        if self.console is not None:
+            self.console.print(self.growth.summary())
+
+    def on_optimizer(self, optimizer) -> None:
+        self.growth.attach(optimizer)  # puts fixed old-expert slices back after each step
+
+
+def growth_callbacks(config, console=None) -> list[Callback]:
+    """The trainer callbacks of an experiment that grows a run (none when ``train.grow`` is unset)."""
+    return [GrowthCallback(config.train, console)] if config.train.grow is not None else []

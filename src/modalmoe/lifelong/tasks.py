@@ -2,7 +2,7 @@
 
     modalmoe train --continue-from runs/t1 --add-task t2 --task-option seed=2 --experts 4
 
-or in memory, ``grown = model.add_task("t2", outputs=4, experts=4)``.
+or in memory, ``grown = add_task(model, "t2", outputs=4, experts=4)``.
 
 A model that learned a sequence of tasks lists them in ``model.tasks`` (label, head kind,
 outputs), in the order learned. The last is the task trained now and predicted by default:
@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from modalmoe.config import ExperimentConfig, ModelConfig, TaskHeadConfig, validate
-from modalmoe.lifelong.grow import FREEZE, GrowError, GrowResult, check_growable, continue_with
+from modalmoe.lifelong.grow import FREEZE, GrowError, GrowResult, check_growable, continue_with, grow_transform
+from modalmoe.run import experiment_task, head_outputs
 
 
 def grow_task_model_config(
@@ -114,7 +115,7 @@ def grow_task_model(
     specs = {m: encoder.spec for m, encoder in model.encoders.items()}
     task_type = "regression" if kind == "regression" else "classification"
     grown = build_model(config, specs, task_type=task_type, outputs=outputs).to(model._device)
-    report = load_matching(grown, model.state_dict(), Path("<in-memory model>"), grow=True)
+    report = load_matching(grown, model.state_dict(), Path("<in-memory model>"), transform=grow_transform)
     return GrowResult(grown.train(model.training), report)
 
 
@@ -170,7 +171,6 @@ def grow_task_config(
             False: ``task_options`` are all the new task's options.
     """
     from modalmoe.data.tasks import load_task
-    from modalmoe.train.trainer import head_outputs
 
     if freeze not in FREEZE:
         raise GrowError(f"freeze must be one of {', '.join(FREEZE)}, got {freeze!r}")
@@ -224,7 +224,6 @@ def task_data(config: ExperimentConfig, label: str | None = None):
     an earlier task's bundled task and options from ``model.tasks``, restricted to the run's
     modalities."""
     from modalmoe.data.tasks import load_task
-    from modalmoe.train.trainer import experiment_task
 
     names = [t.name for t in config.model.tasks]
     if label is None or (names and label == names[-1]):

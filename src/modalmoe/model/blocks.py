@@ -10,18 +10,17 @@ record are collected and returned, never stored on a module.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from modalmoe.model.reduction import BlockStats, TokenReducer, TokenState
 from modalmoe.moe import FeedForward, MoELayer, build_moe_layer
 from modalmoe.moe.types import RoutingRecord
-
-if TYPE_CHECKING:
-    from modalmoe.efficiency.tokens import TokenReduction
 
 
 @dataclass
@@ -37,17 +36,24 @@ class TrunkOutput:
 
 
 @dataclass
-class BlockStats:
-    """What a block reports for token reduction (``modalmoe.efficiency.tokens``).
+class BlockOutput:
+    """What a block returns.
 
     Attributes:
-        keys: [B, N, D/heads] its attention keys, mean over heads (ToMe's merge metric).
-        received: [B, N] attention each token received (mean over heads and real queries),
-            or None unless asked for.
+        x: [B, N', D] its output tokens (zero on padding); N' = N unless ``reduce`` shrank them.
+        aux_losses: name -> its MoE layer's aux loss (empty for a dense block).
+        record: its MoE layer's routing record (None for a dense block).
+        stats: what token reduction reads (``BlockStats``), when asked for; else None.
+        state: the reduced tokens that ``reduce`` returned between the attention and the FFN
+            (their ``x`` is the post-attention tokens; ``x`` above is the block's output); None
+            without ``reduce``.
     """
 
-    keys: Tensor
-    received: Tensor | None = None
+    x: Tensor
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    record: RoutingRecord | None = None
+    stats: BlockStats | None = None
+    state: TokenState | None = None
 
 
 @dataclass
@@ -128,22 +134,27 @@ class Block(nn.Module):
         size: Tensor | None = None,
         stats: bool = False,
         scores: bool = False,
-        reduce=None,
-    ):
-        """x: [B, N, D], mask: [B, N] real tokens, modality/sample: [B, N] ids ->
-        (x, aux_losses or None, record or None), plus ``BlockStats`` when ``stats`` (token
-        reduction; ``size`` and ``scores`` as in ``attention_with_stats``).
+        reduce: Callable[[Tensor, BlockStats], TokenState] | None = None,
+    ) -> BlockOutput:
+        """The block on x: [B, N, D], mask: [B, N] real tokens, modality/sample: [B, N] ids.
 
-        ``reduce``: token reduction between the attention and the FFN (ToMe's placement), a
-        function ``(x, stats) -> (x, mask, modality, sample)`` on the post-attention tokens;
-        the FFN and the returned tokens are then the reduced ones."""
-        if stats:
+        Args:
+            size, scores: token reduction, as in ``attention_with_stats``.
+            stats: report ``BlockStats`` in the output (token reduction).
+            reduce: token reduction between the attention and the FFN (ToMe's placement):
+                ``(x [B, N, D] post-attention tokens, stats) -> TokenState``; the FFN runs on
+                the state's tokens, and the output carries the state.
+        """
+        block_stats = None
+        if stats or reduce is not None:
             attended, block_stats = self.attention_with_stats(self.norm1(x), mask, size=size, scores=scores)
         else:
             attended = self.attention(self.norm1(x), mask)
         x = x + F.dropout(attended, self.dropout, self.training)
+        state = None
         if reduce is not None:
-            x, mask, modality, sample = reduce(x, block_stats)
+            state = reduce(x, block_stats)
+            x, mask, modality, sample = state.x, state.mask, state.modality, state.sample
         h = self.norm2(x)
         if isinstance(self.ffn, MoELayer):
             out = self.ffn(h, modality=modality, sample=sample, mask=mask)
@@ -154,9 +165,9 @@ class Block(nn.Module):
             rows = mask.reshape(-1).nonzero().squeeze(1)
             flat = h.reshape(-1, h.shape[-1])
             y = torch.zeros_like(flat).index_copy(0, rows, self.ffn(flat.index_select(0, rows))).view_as(h)
-            aux, record = None, None
+            aux, record = {}, None
         x = (x + F.dropout(y, self.dropout, self.training)) * mask.unsqueeze(-1)
-        return (x, aux, record, block_stats) if stats else (x, aux, record)
+        return BlockOutput(x, aux, record, block_stats if stats else None, state)
 
 
 class Trunk(nn.Module):
@@ -170,9 +181,8 @@ class Trunk(nn.Module):
         moe: arguments of ``build_moe_layer`` (``num_experts``, ``router``, ``k``, ...).
         dropout: see ``Block``.
         expert_hidden: each expert's width (None: ``hidden``).
-
-    ``reduction`` (a ``modalmoe.efficiency.tokens.TokenReduction``, None by default; set by
-    ``build_model`` or ``apply_token_reduction``) shrinks the tokens after chosen blocks.
+        reduction: token reduction (a ``TokenReducer``, such as ``model.reduction``'s
+            ``TokenReduction``; None for none): fewer tokens after (or inside) chosen blocks.
     """
 
     def __init__(
@@ -187,6 +197,7 @@ class Trunk(nn.Module):
         moe: dict | None = None,
         dropout: float = 0.0,
         expert_hidden: int | None = None,
+        reduction: TokenReducer | None = None,
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
@@ -203,7 +214,15 @@ class Trunk(nn.Module):
             )
         )
         self.norm = nn.LayerNorm(dim)
-        self.reduction: TokenReduction | None = None
+        self.reduction: TokenReducer | None = None
+        self.set_reduction(reduction)
+
+    def set_reduction(self, reduction: TokenReducer | None) -> None:
+        """Hand the trunk another token reduction part (None: none), after checking it fits
+        the blocks. It holds no parameters, so the weights and state_dict keys stay as they are."""
+        if reduction is not None:
+            reduction.check(self.blocks)
+        self.reduction = reduction
 
     def forward(
         self, x: Tensor, mask: Tensor, modality: Tensor | None = None, sample: Tensor | None = None
@@ -222,8 +241,9 @@ class Trunk(nn.Module):
         if self.reduction is not None and self.reduction.active:
             return self._forward_reduced(out, mask, modality, sample)
         for block in self.blocks:
-            out.x, block_aux, record = block(out.x, mask, modality, sample)
-            collect(out, block_aux, record)
+            result = block(out.x, mask, modality, sample)
+            out.x = result.x
+            collect(out, result.aux_losses, result.record)
         out.x = self.norm(out.x) * mask.unsqueeze(-1)
         return out
 
@@ -234,24 +254,23 @@ class Trunk(nn.Module):
         for i, block in enumerate(self.blocks):
             size = reduction.bias(state)
             scores = reduction.needs_attention(i)
-            inside = None
-            if reduction.inside(i):  # between this block's attention and its FFN
-
-                def inside(x, stats, i=i):
-                    nonlocal state
-                    state = reduction.reduce(replace(state, x=x), i, stats=stats)
-                    return state.x, state.mask, state.modality, state.sample
-
-            x, block_aux, record, stats = block(
+            # Between this block's attention and its FFN (ToMe's placement), or after it.
+            inside = partial(_reduce_inside, reduction, state, i) if reduction.inside(i) else None
+            result = block(
                 state.x, state.mask, state.modality, state.sample, size=size, stats=True, scores=scores, reduce=inside
             )
-            collect(out, block_aux, record)
-            if inside is None:
-                state = reduction.reduce(replace(state, x=x), i, stats=stats, record=record)
+            collect(out, result.aux_losses, result.record)
+            if result.state is None:
+                state = reduction.reduce(replace(state, x=result.x), i, stats=result.stats, record=result.record)
             else:
-                state = replace(state, x=x)
+                state = replace(result.state, x=result.x)
         out.x, out.mask = reduction.restore(state, self.norm(state.x) * state.mask.unsqueeze(-1))
         return out
+
+
+def _reduce_inside(reduction: TokenReducer, state: TokenState, layer: int, x: Tensor, stats: BlockStats) -> TokenState:
+    """``state`` with the post-attention tokens ``x`` of block ``layer``, reduced there."""
+    return reduction.reduce(replace(state, x=x), layer, stats=stats)
 
 
 def collect(into: TrunkOutput | RoutingLog, aux: dict[str, Tensor] | None, record: RoutingRecord | None) -> None:

@@ -17,8 +17,9 @@ only on the rows that have their modality, so nothing is computed from placehold
   modalities' tokens (ViLBERT/LXMERT-style co-attention). A learned null key lets a sample
   with a single modality attend to "nothing" instead of producing NaNs.
 
-``early`` and ``late`` support token reduction (``modalmoe.efficiency.tokens``): their
-trunks hand back states at the original positions, and pooling skips pruned ones.
+``early`` and ``late`` support token reduction (``reduction=``, a ``model.reduction``
+``TokenReducer`` handed to their trunks): the trunks hand back states at the original
+positions, and pooling skips pruned ones.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 
 from modalmoe.encoders.base import Tokens
 from modalmoe.model.blocks import RoutingLog, Trunk, build_blocks, collect
+from modalmoe.model.reduction import SUPPORTED_FUSIONS, TokenReducer
 from modalmoe.moe.types import RoutingRecord
 from modalmoe.registry import Registry
 
@@ -72,24 +74,39 @@ class Fusion(nn.Module):
     """Base: ``forward(streams: list[Tokens]) -> FusionOutput``.
 
     Args (shared by every fusion): dim, depth, heads, hidden, activation, moe_every, moe,
-    dropout as in ``Trunk``; ``modalities``: the names, in id order.
+    dropout as in ``Trunk``; ``modalities``: the names, in id order; ``reduction``: token
+    reduction for its trunks (see ``set_reduction``).
     """
 
-    def __init__(self, *, modalities: Sequence[str], **trunk) -> None:
+    def __init__(self, *, modalities: Sequence[str], reduction: TokenReducer | None = None, **trunk) -> None:
         super().__init__()
         if not modalities:
             raise ValueError("a fusion needs at least one modality")
         self.modalities = tuple(modalities)
         self.dim = trunk["dim"]
+        if reduction is not None:
+            Fusion.set_reduction(self, reduction)  # refuses it: fusions with trunks take it there
+
+    def set_reduction(self, reduction: TokenReducer | None) -> None:
+        """Hand its trunks a token reduction part (None: none); fusions without trunks that
+        can run on reduced tokens refuse one."""
+        if reduction is not None:
+            raise ValueError(
+                f"token reduction works with the fusions {SUPPORTED_FUSIONS}, not {type(self).__name__}: bottleneck "
+                "and cross fusion exchange tokens between streams position by position every layer"
+            )
 
 
 @fusions.register("early")
 class EarlyFusion(Fusion):
-    """One trunk over the concatenated tokens of every modality."""
+    """One trunk over the concatenated tokens of every modality; ``reduction``: see ``Trunk``."""
 
-    def __init__(self, *, modalities: Sequence[str], **trunk) -> None:
+    def __init__(self, *, modalities: Sequence[str], reduction: TokenReducer | None = None, **trunk) -> None:
         super().__init__(modalities=modalities, **trunk)
-        self.trunk = Trunk(**trunk)
+        self.trunk = Trunk(reduction=reduction, **trunk)
+
+    def set_reduction(self, reduction: TokenReducer | None) -> None:
+        self.trunk.set_reduction(reduction)
 
     def forward(self, streams: list[Tokens]) -> FusionOutput:
         x = torch.cat([s.x for s in streams], 1)
@@ -107,11 +124,16 @@ class EarlyFusion(Fusion):
 
 @fusions.register("late")
 class LateFusion(Fusion):
-    """A trunk per modality over its own tokens; streams never see each other."""
+    """A trunk per modality over its own tokens; streams never see each other. ``reduction``
+    (see ``Trunk``) is handed to every trunk."""
 
-    def __init__(self, *, modalities: Sequence[str], **trunk) -> None:
+    def __init__(self, *, modalities: Sequence[str], reduction: TokenReducer | None = None, **trunk) -> None:
         super().__init__(modalities=modalities, **trunk)
-        self.trunks = nn.ModuleList(Trunk(**trunk) for _ in modalities)
+        self.trunks = nn.ModuleList(Trunk(reduction=reduction, **trunk) for _ in modalities)
+
+    def set_reduction(self, reduction: TokenReducer | None) -> None:
+        for trunk in self.trunks:
+            trunk.set_reduction(reduction)
 
     def forward(self, streams: list[Tokens]) -> FusionOutput:
         batch = streams[0].x.shape[0]
@@ -137,8 +159,8 @@ class LateFusion(Fusion):
 class _Streams(Fusion):
     """Per-modality stacks of blocks advanced layer by layer (bottleneck and cross)."""
 
-    def __init__(self, *, modalities: Sequence[str], **trunk) -> None:
-        super().__init__(modalities=modalities, **trunk)
+    def __init__(self, *, modalities: Sequence[str], reduction: TokenReducer | None = None, **trunk) -> None:
+        super().__init__(modalities=modalities, reduction=reduction, **trunk)
         self.depth = trunk["depth"]
         self.streams = nn.ModuleList(nn.ModuleList(build_blocks(**trunk)) for _ in modalities)
         self.norms = nn.ModuleList(nn.LayerNorm(self.dim) for _ in modalities)
@@ -177,10 +199,10 @@ class BottleneckFusion(_Streams):
                 x = torch.cat([xs[i].index_select(0, rows), z.index_select(0, rows)], 1)
                 mask = torch.cat([s.mask.index_select(0, rows), s.mask.new_ones(rows.shape[0], nb)], 1)
                 sample = rows.unsqueeze(1).expand(-1, n + nb)
-                y, aux, record = self.streams[i][layer](x, mask, _stream_ids(rows, n + nb, i), sample)
-                collect(result, aux, record)
-                xs[i] = xs[i].index_copy(0, rows, y[:, :n])
-                z_sum = z_sum.index_add(0, rows, y[:, n:])
+                out = self.streams[i][layer](x, mask, _stream_ids(rows, n + nb, i), sample)
+                collect(result, out.aux_losses, out.record)
+                xs[i] = xs[i].index_copy(0, rows, out.x[:, :n])
+                z_sum = z_sum.index_add(0, rows, out.x[:, n:])
                 count = count.index_add(0, rows, count.new_ones(rows.shape[0], 1, 1))
             z = z_sum / count.clamp_min(1.0)
         return self.finish(streams, xs, result)
@@ -241,7 +263,7 @@ class CrossFusion(_Streams):
                     x = (x + self.cross[i][layer](x, memory, memory_mask)) * mask.unsqueeze(-1)
                 n = x.shape[1]
                 sample = rows.unsqueeze(1).expand(-1, n)
-                y, aux, record = self.streams[i][layer](x, mask, _stream_ids(rows, n, i), sample)
-                collect(result, aux, record)
-                xs[i] = xs[i].index_copy(0, rows, y)
+                out = self.streams[i][layer](x, mask, _stream_ids(rows, n, i), sample)
+                collect(result, out.aux_losses, out.record)
+                xs[i] = xs[i].index_copy(0, rows, out.x)
         return self.finish(streams, xs, result)

@@ -33,6 +33,8 @@ from modalmoe.encoders import Encoder, Tokens, encoders, sinusoidal_positions
 from modalmoe.model.fusion import Fusion, fusions
 from modalmoe.model.heads import EmbeddingHead, Head
 from modalmoe.model.missing import MissingBank, check_some_present, modality_dropout
+from modalmoe.model.quantized import int8_structure
+from modalmoe.model.reduction import build_token_reduction
 from modalmoe.moe.routers import routers
 from modalmoe.moe.routers.token_choice import routing_task
 from modalmoe.moe.types import RoutingRecord
@@ -131,63 +133,6 @@ class MultimodalModel(nn.Module):
         """The task labels of a model grown by ``add_task``, in the order learned (the last is
         the current one); empty for a one-task model."""
         return [t.name for t in self.config.tasks] if self.config is not None else []
-
-    def add_task(
-        self,
-        name: str,
-        *,
-        outputs: int,
-        kind: str = "classification",
-        experts: int = 0,
-        previous: str = "task0",
-    ) -> MultimodalModel:
-        """A new model that learns task ``name`` with a fresh head of ``outputs`` and
-        ``experts`` more experts per MoE layer reserved for it (``modalmoe.lifelong.tasks``);
-        this model is left unchanged.
-
-        The new model carries this one's trained state; this model's head becomes the head of
-        its task (``previous`` names it when this model has no task labels yet), and, before
-        training, ``new(batch, task=previous)`` predicts exactly as this model does.
-        Freezing the old parts while training it: ``modalmoe.lifelong.grow.freeze_old``, or
-        ``train.grow`` in a run (``modalmoe train --continue-from RUN --add-task LABEL``).
-
-        Args:
-            name: the new task's label.
-            outputs: its classes, labels or regression targets.
-            kind: its head's kind (``classification``, ``multilabel``, ``regression``).
-            experts: experts added per MoE layer, reserved for the new task.
-            previous: the label of this model's own task, when it has none yet.
-        """
-        from modalmoe.lifelong.tasks import grow_task_model  # lifelong builds models: import it late
-
-        return grow_task_model(self, name, outputs=outputs, kind=kind, experts=experts, previous=previous).model
-
-    def add_modality(
-        self,
-        name: str,
-        spec,
-        *,
-        encoder_config=None,
-        experts: int = 0,
-        data: MultimodalDataset | None = None,
-    ) -> MultimodalModel:
-        """A new model with modality ``name`` added and ``experts`` more experts per MoE layer
-        reserved for it (``modalmoe.lifelong.grow_model``); this model is left unchanged.
-
-        The new model carries this one's trained state (the old experts in the leading slice
-        of each bank, new router rows at the mean of the old ones) and, before training,
-        predicts exactly as this one on inputs without ``name``. Freezing the old parts while
-        training it: ``modalmoe.lifelong.grow.freeze_old``, or ``train.grow`` in a run.
-
-        Args:
-            name: the new modality; spec: its ``ModalitySpec``.
-            encoder_config: its ``EncoderConfig`` (None: the default for its kind).
-            experts: experts added per MoE layer (token-choice routers only).
-            data: the training split, to fit the new encoder's input statistics.
-        """
-        from modalmoe.lifelong.grow import grow_model  # lifelong builds models: import it late
-
-        return grow_model(self, {name: spec}, encoders={name: encoder_config}, experts=experts, data=data).model
 
     @torch.no_grad()
     def fit(self, dataset: MultimodalDataset, modalities: Iterable[str] | None = None) -> MultimodalModel:
@@ -406,11 +351,10 @@ def build_model(
         trunk["moe"] = {k: v for k, v in moe.items() if k != "hidden"}
         trunk["expert_hidden"] = moe["hidden"]
     extra = {"bottleneck_tokens": config.fusion.bottleneck_tokens} if config.fusion.name == "bottleneck" else {}
+    reduction = build_token_reduction(config.token_reduction, names)
+    if reduction is not None:  # early and late fusion hand it to their trunks
+        extra["reduction"] = reduction
     fusion = fusions.create(config.fusion.name, modalities=names, **trunk, **extra)
-    if config.token_reduction.method != "none":
-        from modalmoe.efficiency.tokens import configure  # modalmoe.efficiency imports this package
-
-        configure(fusion, config.token_reduction)
     kind = config.head.kind or ("classification" if task_type == "classification" else "regression")
     if outputs is None:
         if kind != "regression":
@@ -436,9 +380,7 @@ def build_model(
         config=config,
         task_heads={t.name: Head(kind=t.kind, dim=config.dim, outputs=t.outputs) for t in config.tasks[:-1]},
     )
-    if config.quantization.method == "int8":
-        from modalmoe.efficiency.quantize import int8_structure  # modalmoe.efficiency imports this package
-
+    if config.quantization.method == "int8":  # a compressed run: its int8 layers, to load into
         quantization = config.quantization
         int8_structure(model, min_weight=quantization.min_weight, patch_convs=quantization.patch_convs)  # to load into
     return model

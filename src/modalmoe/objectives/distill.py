@@ -28,6 +28,7 @@ from torch import Tensor
 from modalmoe.data.batch import MultimodalBatch
 from modalmoe.model.multimodal import ModelOutput, MultimodalModel
 from modalmoe.objectives.base import Objective, has_data, logits_of, objectives, unwrap
+from modalmoe.run import load_run_model, read_task_info
 
 KINDS = ("classification", "regression")
 
@@ -59,7 +60,6 @@ class Distill(Objective):
 
     def __init__(self, *, teacher: str, temperature: float = 2.0) -> None:
         super().__init__()
-        from modalmoe.train.trainer import load_run_model, read_task_info
 
         if not temperature > 0:
             raise ValueError(f"distill: temperature must be > 0, got {temperature}")

@@ -1,10 +1,12 @@
 """Training: the trainer, checkpoints, prediction files."""
 
-from modalmoe.train.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from modalmoe.train.trainer import Trainer, TrainingError, TrainResult, load_run_model, read_run_config
+from modalmoe.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from modalmoe.run import RunDir, load_run_model, read_run_config
+from modalmoe.train.trainer import Trainer, TrainingError, TrainResult
 
 __all__ = [
     "Checkpoint",
+    "RunDir",
     "CheckpointError",
     "TrainResult",
     "Trainer",

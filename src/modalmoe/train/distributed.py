@@ -48,9 +48,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from modalmoe.checkpoint import _MODEL, _OPTIM, Checkpoint, restore_training, save_checkpoint
 from modalmoe.config import ExperimentConfig
 from modalmoe.moe.parallel import ShardedExpertBank, expert_keys, gather_experts, shard_experts, shard_of
-from modalmoe.train.checkpoint import _MODEL, _OPTIM, Checkpoint, restore_training, save_checkpoint
 
 
 class DistributedError(RuntimeError):

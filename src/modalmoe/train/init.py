@@ -8,23 +8,24 @@ Tensors are matched by name and shape, so a model for another task (a head with 
 number of classes) starts from everything else of the run and keeps a fresh head. The run's
 fitted encoder state (input statistics, tokenizers: buffers and extra state) wins over what
 ``model.fit`` computed on the new data, since the run's weights were trained on that state.
-The checkpoint is read with ``modalmoe.train.checkpoint`` (safetensors, no unpickling).
+The checkpoint is read with ``modalmoe.checkpoint`` (safetensors, no unpickling).
 
-With ``grow=True`` (a run continued with more experts, ``modalmoe.lifelong``), a per-expert
-tensor whose shape differs from the run's only in its expert dimension, which grew, takes the
-run's experts in its leading slice; new router rows start at the mean of the run's rows and
-new experts keep their fresh init (``modalmoe.lifelong.state.grow_tensor``).
+A ``transform`` adapts the run's state to the model before matching: growing a run
+(``modalmoe.lifelong.grow.grow_transform``) gives a per-expert tensor whose expert
+dimension grew the run's experts in its leading slice, new router rows at the mean of the
+run's rows, and new experts their fresh init.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
-from modalmoe.train.checkpoint import CheckpointError, load_checkpoint
+from modalmoe.checkpoint import CheckpointError, load_checkpoint
 
 
 @dataclass
@@ -37,7 +38,7 @@ class InitReport:
         skipped: ``"name: why"`` for each model entry that kept its own value.
         unused: checkpoint entries the model has no place for.
         grown: name -> ``[dim, old size, new size]`` of each tensor that took the run's
-            values in its leading slice along its expert dimension ``dim`` (``grow=True``).
+            values in its leading slice along its expert dimension ``dim`` (from the transform).
     """
 
     source: Path
@@ -63,6 +64,11 @@ class InitReport:
         return out | ({"grown": self.grown} if self.grown else {})
 
 
+# A checkpoint transform: (model, the run's state) -> (the state as this model names and shapes
+# it, {name: [dim, old size, new size]} for each tensor it grew along ``dim``).
+Transform = Callable[[nn.Module, dict[str, Any]], tuple[dict[str, Any], dict[str, list[int]]]]
+
+
 def run_checkpoint(run_dir: str | Path, which: str = "best") -> Path:
     """``<run_dir>/checkpoints/<which>.safetensors``, or a clear error when ``run_dir`` is not a run."""
     run_dir = Path(run_dir)
@@ -79,35 +85,34 @@ def run_checkpoint(run_dir: str | Path, which: str = "best") -> Path:
     return path
 
 
-def init_from_run(model: nn.Module, run_dir: str | Path, *, which: str = "best", grow: bool = False) -> InitReport:
+def init_from_run(
+    model: nn.Module, run_dir: str | Path, *, which: str = "best", transform: Transform | None = None
+) -> InitReport:
     """Load the entries of a run's checkpoint whose names and shapes match ``model``'s.
 
     Args:
         model: a built (and fitted) model, before any adapters are added.
         run_dir: a run directory (``Trainer``'s ``out``).
         which: ``best`` or ``last`` checkpoint.
-        grow: also load per-expert tensors whose expert dimension grew (see the module doc).
+        transform: adapts the run's state to ``model`` before matching (a grown run's
+            expert tensors, ``modalmoe.lifelong.grow.grow_transform``); see ``Transform``.
 
     Returns:
         what was loaded and skipped. Raises ``CheckpointError`` when ``run_dir`` is not a
         run or when no tensor matches (another architecture: nothing would transfer).
     """
     path = run_checkpoint(run_dir, which)
-    return load_matching(model, load_checkpoint(path).model_state(), path, grow=grow)
+    return load_matching(model, load_checkpoint(path).model_state(), path, transform=transform)
 
 
-def load_matching(model: nn.Module, saved: dict[str, Any], path: Path, *, grow: bool = False) -> InitReport:
+def load_matching(
+    model: nn.Module, saved: dict[str, Any], path: Path, *, transform: Transform | None = None
+) -> InitReport:
     """``init_from_run`` on a state dict ``saved`` (read from ``path``, named in reports and errors)."""
     own = model.state_dict()
     report = InitReport(source=path)
-    expert_dims = {}
-    if grow:
-        from modalmoe.lifelong.state import expert_dims as find_expert_dims
-        from modalmoe.lifelong.state import grow_tensor
-        from modalmoe.lifelong.tasks import head_state
-
-        expert_dims = find_expert_dims(model)
-        saved = head_state(model, saved)  # a new task: the run's head is its own task's
+    if transform is not None:
+        saved, report.grown = transform(model, saved)
     state: dict[str, Any] = {}
     for name, value in own.items():
         if name not in saved:
@@ -118,11 +123,6 @@ def load_matching(model: nn.Module, saved: dict[str, Any], path: Path, *, grow: 
         if isinstance(value, Tensor) != isinstance(theirs, Tensor):
             report.skipped.append(f"{name}: a tensor in one and extra state in the other")
             state[name] = value
-        elif name in expert_dims and (grown := grow_tensor(value, theirs, *expert_dims[name])) is not None:
-            state[name] = grown
-            report.loaded.append(name)
-            dim = expert_dims[name][0]
-            report.grown[name] = [dim, theirs.shape[dim], value.shape[dim]]
         elif isinstance(value, Tensor) and value.shape != theirs.shape:
             report.skipped.append(f"{name}: shape {tuple(theirs.shape)} in the checkpoint, {tuple(value.shape)} here")
             state[name] = value

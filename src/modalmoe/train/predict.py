@@ -20,12 +20,12 @@ import torch
 
 from modalmoe.data.formats import DataFormatError
 from modalmoe.io import atomic_write_text
+from modalmoe.run import load_run_model, read_run_config, read_task_info
 
 
 def _input_task(source: str, run_dir: str | Path):
     from modalmoe.data.formats import load
     from modalmoe.data.tasks import load_task, tasks
-    from modalmoe.train.trainer import read_run_config
 
     path = Path(source)
     if path.exists():
@@ -63,7 +63,6 @@ def predict_rows(
     batch_size: int = 256,
 ) -> list[dict]:
     """One dict per sample: split, index, prediction (and class probabilities or values)."""
-    from modalmoe.train.trainer import load_run_model, read_task_info
 
     info = read_task_info(run_dir)
     model = load_run_model(run_dir)

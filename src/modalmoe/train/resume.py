@@ -22,7 +22,7 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
-from modalmoe.train.checkpoint import CheckpointError
+from modalmoe.checkpoint import CheckpointError
 
 
 def _grows(old: Any, new: Any) -> bool:

@@ -17,12 +17,11 @@ optimiser steps, so a resumed run replays the same batches with the same random 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
-import shutil
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,22 +30,30 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
-from modalmoe.config import ExperimentConfig, to_yaml
-from modalmoe.data.batch import ModalitySpec
-from modalmoe.data.tasks import load_task
-from modalmoe.io import atomic_write_text, read_jsonl
-from modalmoe.lock import DirectoryLock
-from modalmoe.model.multimodal import MultimodalModel, build_model
-from modalmoe.train.checkpoint import (
+from modalmoe.checkpoint import (
     CheckpointError,
     check_config,
     load_checkpoint,
 )
+from modalmoe.config import ExperimentConfig
+from modalmoe.evaluate.metrics import PRIMARY, direction, task_metrics
+from modalmoe.evaluate.runner import predict
+from modalmoe.io import atomic_write_text, read_jsonl
+from modalmoe.model.lora import count_parameters
+from modalmoe.model.multimodal import MultimodalModel, build_model
+from modalmoe.objectives import build_objectives
+from modalmoe.run import (  # noqa: F401  (run-directory helpers, importable from here as before)
+    RunDir,
+    experiment_task,
+    head_outputs,
+    load_run_model,
+    read_run_config,
+    read_task_info,
+)
+from modalmoe.train.callbacks import Callback, builtin_callbacks
 from modalmoe.train.distributed import NullLog, setup_parallel, torchrun_world
+from modalmoe.train.init import init_from_run
 from modalmoe.train.resume import extensions
-
-# What a run directory holds (``clear_run`` deletes exactly these; other files are the user's).
-RUN_FILES = ("config.yaml", "task.json", "metrics.jsonl", "summary.json", "tb", "checkpoints")
 
 
 class TrainingError(RuntimeError):
@@ -63,12 +70,6 @@ class TrainResult:
     best: dict = field(default_factory=dict)
     test: dict = field(default_factory=dict)
     stopped_early: bool = False
-
-
-def experiment_task(config: ExperimentConfig):
-    """The task an experiment trains on: the bundled task, restricted to ``config.modalities``."""
-    task = load_task(config.task, **config.task_options)
-    return task.select(config.modalities) if config.modalities else task
 
 
 def warmup_cosine(total_steps: int, warmup: float, min_ratio: float):
@@ -113,42 +114,46 @@ class Trainer:
         task=None,
         progress: bool = True,
         console: Console | None = None,
+        callbacks: Sequence[Callback] = (),
     ) -> None:
         self.config, self.out = config, Path(out)
         self.console = console or Console()
         self.show_progress = progress
         self.task = task if task is not None else experiment_task(config)
-        self.checkpoints = self.out / "checkpoints"
+        self.run = RunDir(self.out)
+        self.checkpoints = self.run.checkpoints
+        self.callbacks: list[Callback] = [*builtin_callbacks(config, self.console), *callbacks]
+        self.init_report = None  # train.init_from's InitReport, once built
+        self.saved: dict[str, int | None] = {}  # checkpoint -> the step it holds, for messages
+        handled = {key for cb in self.callbacks for key in cb.handles}
+        if config.train.grow is not None and "train.grow" not in handled:
+            raise TrainingError(
+                "this experiment grows a trained run (train.grow), which modalmoe.lifelong implements: train it "
+                "with `modalmoe train`, or Trainer(..., callbacks=modalmoe.lifelong.growth_callbacks(config))"
+            )
 
     # --- building -------------------------------------------------------------------------
 
     def build(self) -> tuple[MultimodalModel, nn.Module]:
-        """The model (fitted on the training split) and the objectives, seeded."""
-        from modalmoe.objectives import build_objectives
-
+        """The model (fitted on the training split) and the objectives, seeded; each callback
+        sees the model, then both (``on_model``, ``on_objectives``)."""
         seed_everything(self.config.train.seed)
         train = self.task.train
         model = build_model(
             self.config.model, self.task.specs, task_type=train.task_type, outputs=head_outputs(train)
         ).fit(train)
         cfg = self.config.train
-        self.init_report = None
         if cfg.init_from is not None:  # after fit: the run's encoder statistics and tokenizers win
-            from modalmoe.train.init import init_from_run
-
-            self.init_report = init_from_run(model, cfg.init_from, grow=cfg.grow is not None)
+            transforms = [t for t in (cb.init_transform() for cb in self.callbacks) if t is not None]
+            if len(transforms) > 1:
+                raise TrainingError("two callbacks transform train.init_from's checkpoint; pass one of them")
+            self.init_report = init_from_run(model, cfg.init_from, transform=transforms[0] if transforms else None)
             self.console.print(self.init_report.summary())
-        if cfg.lora.rank:
-            from modalmoe.efficiency.lora import apply_lora
-
-            self.console.print(apply_lora(model, cfg.lora).summary())
+        for callback in self.callbacks:
+            callback.on_model(model, self.init_report)
         objectives = build_objectives(cfg.objectives, head_kind=model.head.kind, dim=model.fusion.dim)
-        self.growth = None
-        if cfg.grow is not None:  # a grown run (modalmoe.lifelong): freeze / regularise what came from the run
-            from modalmoe.lifelong.grow import prepare_growth
-
-            self.growth = prepare_growth(model, objectives, cfg, self.init_report)
-            self.console.print(self.growth.summary())
+        for callback in self.callbacks:
+            callback.on_objectives(model, objectives, self.init_report)
         for objective in objectives.objectives.values():
             check = getattr(objective, "check_task", None)  # objectives that read another run (distill)
             if check is not None:
@@ -166,8 +171,8 @@ class Trainer:
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr,
         )
-        if getattr(self, "growth", None) is not None:
-            self.growth.attach(optimizer)  # puts fixed old-expert slices back after each step
+        for callback in self.callbacks:
+            callback.on_optimizer(optimizer)
         return optimizer
 
     # --- the loop -------------------------------------------------------------------------
@@ -182,7 +187,7 @@ class Trainer:
         if resume and overwrite:
             raise CheckpointError("--resume continues the run in the directory, --overwrite deletes it: pass one")
         main = torchrun_world() is None or torchrun_world()[0] == 0
-        with DirectoryLock(self.out, what="run directory") if main else contextlib.nullcontext():
+        with self.run.lock() if main else contextlib.nullcontext():
             return self._fit(resume=resume, overwrite=overwrite, main=main)
 
     def _fit(self, *, resume: bool, overwrite: bool, main: bool) -> TrainResult:
@@ -190,13 +195,13 @@ class Trainer:
         config_json = self.config.model_dump(mode="json")
         last_path, best_path = self.checkpoints / "last.safetensors", self.checkpoints / "best.safetensors"
         if main and not resume:  # rank 0 decides; torchrun stops the others if it fails
-            existing = run_files(self.out)
+            existing = self.run.files()
             if existing and not overwrite:
                 raise CheckpointError(
                     f"{str(self.out)!r} already holds a run ({', '.join(existing)}); pass --resume to continue it, "
                     "--overwrite to start it over (its checkpoints and logs are deleted), or choose another --out"
                 )
-            clear_run(self.out)
+            self.run.clear()
         if main and resume and not last_path.is_file():
             raise CheckpointError(
                 f"{str(self.out)!r} has no checkpoint to resume (checkpoints/last.safetensors: the run stopped "
@@ -217,7 +222,7 @@ class Trainer:
             optimizer, warmup_cosine(total_steps, cfg.warmup, cfg.min_lr_ratio)
         )
         progress = {"step": 0, "epoch": 0, "batch": 0, "best": None, "bad_evals": 0, "stopped_early": False}
-        self.saved = {}  # which checkpoint holds which step, for messages about what is kept
+        self.saved = {}
         if resume:
             checkpoint = load_checkpoint(last_path)
             compared, changes = extensions(checkpoint.config, config_json, source=str(last_path))
@@ -233,27 +238,29 @@ class Trainer:
                 if progress["stopped_early"] and patience is not None:
                     progress["stopped_early"] = bool(patience.patience) and progress["bad_evals"] >= patience.patience
                 if main:
-                    atomic_write_text(self.out / "config.yaml", to_yaml(self.config))
+                    self.run.write_config(self.config)
                 shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items())
                 self.console.print(f"extending the run: {shown}")
             self.console.print(f"resuming {self.out} at step {progress['step']} (epoch {progress['epoch']})")
         elif main:
             self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.out / "config.yaml", to_yaml(self.config))
-            write_task_info(self.out, self.task)
+            self.run.write_config(self.config)
+            self.run.write_task_info(self.task)
         log = (
             _Log(self.out, purge_after=progress["step"] if resume else None, console=self.console)
             if main
             else NullLog()
         )
-        monitor = self._collapse_monitor()
-        if monitor is not None and progress.get("collapse"):
-            monitor.load_state_dict(progress["collapse"])
+        for callback in self.callbacks:
+            if progress.get(callback.name):
+                callback.load_state_dict(progress[callback.name])
         params = [p for p in module.parameters()]
 
         def checkpoint_to(path: Path) -> None:
-            if monitor is not None:
-                progress["collapse"] = monitor.state_dict()
+            for callback in self.callbacks:
+                state = callback.state_dict()
+                if state is not None:
+                    progress[callback.name] = state
             parallel.save_checkpoint(
                 path, module=module, config=config_json, progress=progress, optimizer=optimizer, scheduler=scheduler
             )
@@ -273,13 +280,19 @@ class Trainer:
                     for index in range(progress["batch"], batches_per_epoch):
                         rows = order[index * cfg.batch_size : (index + 1) * cfg.batch_size]
                         batch = train.batch(parallel.shard(rows))  # this rank's slice of the global batch
-                        scale = parallel.loss_scale(rows) / cfg.accumulate
+                        # Each micro-batch's mean loss weighs by its share of its accumulation
+                        # group's samples, so a short last group is a mean over its own samples.
+                        start = index - index % cfg.accumulate
+                        group_samples = len(order[start * cfg.batch_size : (start + cfg.accumulate) * cfg.batch_size])
+                        scale = parallel.loss_scale(rows) * len(rows) / group_samples
                         terms, records = self._backward(forward_model, objectives, batch, progress["step"], scale=scale)
                         terms = parallel.reduce_terms(terms, rows)
                         micro += 1
                         if micro % cfg.accumulate and index + 1 < batches_per_epoch:
                             continue
-                        modulation = self._modulate(model, batch)
+                        extra: dict[str, float] = {}
+                        for callback in self.callbacks:
+                            extra |= callback.before_update(model, batch)
                         parallel.sync_gradients(module, forward_model)
                         if cfg.clip_norm is not None:
                             parallel.clip_grad_norm_(module, cfg.clip_norm)
@@ -290,15 +303,9 @@ class Trainer:
                         progress["step"] += 1
                         progress["batch"] = index + 1
                         record = {"step": progress["step"], "epoch": epoch, "lr": scheduler.get_last_lr()[0], **terms}
-                        log.write("train", record | modulation)
-                        alarm = ""
-                        if monitor is not None:
-                            for message in monitor.update(records, step=progress["step"]):
-                                self.console.print(f"[yellow]warning:[/yellow] step {progress['step']}: {message}")
-                                log.write("alarm", {"step": progress["step"], "epoch": epoch, "message": message})
-                            if monitor.alarming:
-                                alarm = " | [yellow]router collapse[/yellow]"
-                        bar.update(task_id, advance=1, info=f"loss {terms['loss']:.4f}{alarm}")
+                        log.write("train", record | extra)
+                        notes = "".join(cb.after_update(progress["step"], epoch, records, log) for cb in self.callbacks)
+                        bar.update(task_id, advance=1, info=f"loss {terms['loss']:.4f}{notes}")
                         if cfg.checkpoint_every and progress["step"] % cfg.checkpoint_every == 0:
                             checkpoint_to(last_path)
                     progress["epoch"], progress["batch"] = epoch + 1, 0
@@ -332,7 +339,7 @@ class Trainer:
         for name in ("last", "best"):
             path = self.checkpoints / f"{name}.safetensors"
             if path.is_file():
-                step = self.saved.get(name) if hasattr(self, "saved") else None
+                step = self.saved.get(name)
                 shown.append(f"{str(path)!r}" + (f" (step {step})" if step is not None else ""))
         if not shown:
             return "no checkpoint was written before it stopped"
@@ -355,16 +362,6 @@ class Trainer:
                 f"and {self._kept()}. Lower train.lr or enable train.clip_norm"
             )
 
-    def _collapse_monitor(self):
-        collapse = self.config.train.collapse
-        if not (collapse.enabled and self.config.model.moe.every):
-            return None
-        from modalmoe.analysis.routing import CollapseMonitor
-
-        return CollapseMonitor(
-            max_share=collapse.max_share, min_entropy=collapse.min_entropy, patience=collapse.patience
-        )
-
     def _backward(self, model, objectives, batch, step: int, scale: float) -> tuple[dict[str, float], list]:
         output = model(batch)
         total, terms = objectives(output, batch, model)
@@ -386,29 +383,17 @@ class Trainer:
         out["loss"] = float(total.detach())
         return out, [record.detach() for record in output.records]
 
-    def _modulate(self, model, batch) -> dict[str, float]:
-        ogm = self.config.train.ogm
-        if not ogm.enabled:
-            return {}
-        from modalmoe.objectives.ogm import ogm_ge
-
-        with torch.no_grad():
-            output = model(batch)
-        coefficients = ogm_ge(model, output, batch, alpha=ogm.alpha, noise=ogm.noise)
-        return {f"ogm/{k}": v for k, v in coefficients.items()}
-
     def _metric_name(self) -> str:
         return self._metric()[0]
 
     def _metric(self) -> tuple[str, str]:
         """(metric, mode) of early stopping and the best checkpoint."""
-        from modalmoe.evaluate.metrics import PRIMARY
 
         stop = self.config.train.early_stopping
         metric, mode = PRIMARY[self._head_kind()]
         if stop is not None and stop.metric is not None:
             metric = stop.metric
-            mode = "min" if metric in ("ece", "nll", "mse", "mae") else "max"
+            mode = direction(metric)
         if stop is not None and stop.mode is not None:
             mode = stop.mode
         return metric, mode
@@ -419,8 +404,6 @@ class Trainer:
 
     def validate(self, model: MultimodalModel) -> dict[str, float]:
         """Metrics of ``model`` on the validation split."""
-        from modalmoe.evaluate.metrics import task_metrics
-        from modalmoe.evaluate.runner import predict
 
         pred = predict(model, self.task.valid, batch_size=256)
         return task_metrics(pred.logits, pred.target, self._head_kind())
@@ -451,14 +434,10 @@ class Trainer:
         return improved
 
     def _finish(self, progress: dict, seconds: float) -> TrainResult:
-        from modalmoe.efficiency.lora import count_parameters
-        from modalmoe.evaluate.metrics import task_metrics
-        from modalmoe.evaluate.runner import predict
 
-        model = load_run_model(self.out, which="best")
+        model = self.run.load_model("best")
         trainable, total = count_parameters(model)
-        if getattr(self, "growth", None) is not None:  # a grown run's fixed old parts (modalmoe.lifelong)
-            trainable -= self.growth.fixed
+        trainable -= sum(cb.fixed_parameters for cb in self.callbacks)  # e.g. a grown run's fixed old parts
         test_pred = predict(model, self.task.test, batch_size=256)
         test = task_metrics(test_pred.logits, test_pred.target, self._head_kind())
         # The validation metrics of the best checkpoint, kept when it was saved (runs written
@@ -475,93 +454,12 @@ class Trainer:
             "test": test,
             "parameters": {"trainable": trainable, "total": total, "trainable_fraction": trainable / max(1, total)},
         }
-        if getattr(self, "init_report", None) is not None:
+        if self.init_report is not None:
             summary["init_from"] = self.init_report.to_json()
         if progress.get("history"):  # config changes of --resume (modalmoe.train.resume)
             summary["history"] = progress["history"]
         atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
         return TrainResult(self.out, progress["step"], progress["epoch"], best, test, progress["stopped_early"])
-
-
-def head_outputs(dataset) -> int | None:
-    """The prediction head's outputs for a training split: its classes, or its targets."""
-    if dataset.task_type == "classification":
-        return dataset.num_classes
-    return 1 if dataset.target.dim() == 1 else dataset.target.shape[1]
-
-
-def read_run_config(run_dir: str | Path) -> ExperimentConfig:
-    """The experiment config of a run directory."""
-    from modalmoe.config import load_config
-
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise CheckpointError(f"{str(run_dir)!r} is not a run directory (no config.yaml); see `modalmoe train`")
-    return load_config(path)
-
-
-def run_files(run_dir: str | Path) -> list[str]:
-    """The run artefacts present in ``run_dir`` (empty: no run there)."""
-    return [name for name in RUN_FILES if (Path(run_dir) / name).exists()]
-
-
-def clear_run(run_dir: str | Path) -> None:
-    """Delete a run's artefacts (``RUN_FILES``) so that a fresh start leaves no old log behind."""
-    for name in run_files(run_dir):
-        path = Path(run_dir) / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-
-
-def write_task_info(run_dir: Path, task) -> None:
-    """``task.json``: what a trained model needs to be rebuilt without its training data
-    (modality specs, task type, outputs, class names)."""
-    train = task.train
-    info = {
-        "task": task.name,
-        "task_type": train.task_type,
-        "outputs": head_outputs(train),
-        "classes": list(train.classes) if train.classes is not None else None,
-        "specs": {name: dataclasses.asdict(spec) for name, spec in task.specs.items()},
-    }
-    atomic_write_text(run_dir / "task.json", json.dumps(info, indent=2))
-
-
-def read_task_info(run_dir: str | Path) -> dict:
-    """``task.json`` of a run, with ``specs`` as ``ModalitySpec`` objects."""
-    path = Path(run_dir) / "task.json"
-    if not path.is_file():
-        raise CheckpointError(f"{str(run_dir)!r} is not a run directory (no task.json); see `modalmoe train`")
-    try:
-        info = json.loads(path.read_bytes())
-        info["specs"] = {name: ModalitySpec(**spec) for name, spec in info["specs"].items()}
-    except (ValueError, TypeError, KeyError, AttributeError) as err:
-        raise CheckpointError(
-            f"{str(path)!r} is damaged ({type(err).__name__}: {err}); it is written by `modalmoe train`: restore it "
-            "from a copy of the run, or retrain"
-        ) from None
-    return info
-
-
-def load_run_model(run_dir: str | Path, *, which: str = "best") -> MultimodalModel:
-    """The trained model of a run (``best`` or ``last`` checkpoint), in eval mode; the
-    training data is not needed."""
-    from modalmoe.train.checkpoint import restore_module
-
-    config = read_run_config(run_dir)
-    info = read_task_info(run_dir)
-    path = Path(run_dir) / "checkpoints" / f"{which}.safetensors"
-    checkpoint = load_checkpoint(path)
-    check_config(checkpoint, config.model_dump(mode="json"))
-    model = build_model(config.model, info["specs"], task_type=info["task_type"], outputs=info["outputs"])
-    if config.train.lora.rank:  # the checkpoint holds the adapted model: rebuild its adapters first
-        from modalmoe.efficiency.lora import apply_lora
-
-        apply_lora(model, config.train.lora)
-    restore_module(model, checkpoint.model_state(), f"checkpoint {str(path)!r}")
-    return model.eval()
 
 
 class _Log:

@@ -23,12 +23,12 @@ from modalmoe.analysis.routing import (
     normalized_mutual_information,
     token_share,
 )
+from modalmoe.run import experiment_task, load_run_model, read_run_config
 
 
 def run_statistics(run_dir: Path) -> list[dict]:
     """Per MoE layer of one run: NMI(expert; modality), NMI(expert; class), entropy, top share."""
     from modalmoe.analysis.report import collect
-    from modalmoe.train.trainer import experiment_task, load_run_model, read_run_config
 
     config = read_run_config(run_dir)
     model = load_run_model(run_dir)

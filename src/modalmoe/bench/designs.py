@@ -1,0 +1,145 @@
+"""The suite's design cells: every (task, design, seed) of ``tasks`` x ``designs`` x ``seeds``.
+
+Each cell resolves the preset with the suite's overrides; solves its width so its cost
+matches the task's budget (``bench/compute.py``); trains it (``modalmoe.train.Trainer``, run
+directory kept under ``runs/<task>/<design>/s<seed>``); evaluates the best checkpoint on the
+test split with the suite's robustness axes; measures FLOPs, parameters, latency at batch 1
+and 64 and peak inference memory; and adds the suite's efficiency variants
+(``bench/variants.py``). With ``robustness.imbalance``, each design is also trained with one
+modality kept for a fraction of the training samples (``token-choice@audio=0.2``).
+``logistic-regression`` fits scikit-learn on concatenated features, once (it is deterministic).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from modalmoe.bench.cells import planners
+from modalmoe.bench.compute import match_compute
+from modalmoe.bench.suites import LOGREG, SuiteConfig
+from modalmoe.bench.training import (
+    cell_config,
+    cost_batch,
+    evaluate_with_axes,
+    fit_sample,
+    suite_task,
+    train_run,
+    trained_fields,
+)
+from modalmoe.bench.variants import run_variants
+from modalmoe.data.batch import Task
+from modalmoe.data.corrupt import imbalance
+from modalmoe.data.describe import linear_baselines
+from modalmoe.train.trainer import head_outputs
+
+
+@dataclass(frozen=True)
+class DesignCell:
+    """One design on one task and seed. ``imbalance``: (modality, fraction) kept for training, or None."""
+
+    task: str
+    design: str
+    seed: int
+    imbalance: tuple[str, float] | None = None
+
+    @property
+    def label(self) -> str:
+        """The design as the leaderboard shows it (``token-choice@audio=0.2`` for imbalance)."""
+        if self.imbalance is None:
+            return self.design
+        return f"{self.design}@{self.imbalance[0]}={self.imbalance[1]:g}"
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return self.task, self.label, self.seed
+
+    @property
+    def needs(self) -> None:
+        return None
+
+    def run(self, suite: SuiteConfig, out: Path, budget: float | None) -> dict:
+        """Train and measure the cell (compute-matched to ``budget`` unless None)."""
+        task = suite_task(suite, self.task)
+        if self.design == LOGREG:
+            return _logistic_regression(task, self.seed)
+        cfg = cell_config(suite, self.task, self.design, self.seed)
+        matched = None
+        if budget is not None:
+            matched = match_compute(
+                cfg,
+                task.specs,
+                cost_batch(task, 16),
+                task_type=task.train.task_type,
+                outputs=head_outputs(task.train),
+                budget=budget,
+                mode=suite.match,
+                tolerance=suite.tolerance,
+                fit_data=fit_sample(task.train),
+            )
+            cfg = matched.config
+        if self.imbalance is not None:
+            modality, fraction = self.imbalance
+            train = imbalance(task.train, modality, fraction, seed=self.seed)
+            task = Task(name=task.name, splits={**task.splits, "train": train}, description=task.description)
+        run_dir = out / "runs" / self.task / self.label / f"s{self.seed}"
+        result, model, train_seconds = train_run(cfg, run_dir, task)
+
+        def evaluate_model(model):
+            return evaluate_with_axes(model, task, suite, self.seed)
+
+        report, eval_seconds = evaluate_model(model)
+        variants, skipped = [], {}
+        if suite.compress and self.imbalance is None:
+            variants, skipped = run_variants(self, suite, cfg, task, run_dir, out, evaluate_model)
+        return {
+            "variants": variants,  # the runner stores each as its own record
+            "skipped_variants": skipped,
+            **trained_fields(cfg, run_dir, out, result, report, model, task),
+            "matched": None
+            if matched is None
+            else {
+                "field": matched.width_field,
+                "width": matched.width,
+                "target": matched.target,
+                "achieved": matched.achieved,
+                "relative_error": matched.relative_error,
+            },
+            "train_seconds": round(train_seconds, 3),
+            "eval_seconds": round(eval_seconds, 3),
+        }
+
+
+@planners.register("designs")
+def plan_designs(suite: SuiteConfig) -> list[DesignCell]:
+    """Every design cell of the suite, tasks outermost so early results cover a whole task."""
+    cells = []
+    for task in suite.tasks:
+        modalities = list(suite_task(suite, task).specs) if suite.robustness.imbalance else []
+        for design in suite.designs:
+            for seed in suite.seeds:
+                if design == LOGREG and seed != suite.seeds[0]:
+                    continue  # deterministic (lbfgs on fixed features): one seed says it all
+                cells.append(DesignCell(task, design, seed))
+                if design == LOGREG:
+                    continue
+                for m in modalities:
+                    for fraction in suite.robustness.imbalance:
+                        cells.append(DesignCell(task, design, seed, (m, fraction)))
+    return cells
+
+
+def _logistic_regression(task, seed: int) -> dict:
+    """scikit-learn's logistic regression on concatenated per-modality features."""
+    t0 = time.perf_counter()
+    scores = linear_baselines(task, seed=seed)
+    seconds = time.perf_counter() - t0
+    metric = "accuracy" if task.train.task_type == "classification" else "r2"
+    return {
+        "metrics": {metric: scores["all"]["test"]},
+        "valid": {metric: scores["all"]["valid"]},
+        "unimodal": {m: s["test"] for m, s in scores.items() if m != "all"},
+        "train_seconds": round(seconds, 3),
+        "eval_seconds": 0.0,
+    }

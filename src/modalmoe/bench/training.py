@@ -1,0 +1,113 @@
+"""What every kind of bench cell does with a model: resolve its config from the suite, train
+it into a run directory, evaluate it with the suite's robustness axes and measure its cost.
+Also the task of a suite (with its sample limit), shared with the runner's budgets.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from modalmoe.bench.suites import SuiteConfig
+from modalmoe.data.batch import Task
+from modalmoe.efficiency.profile import profile_model
+from modalmoe.evaluate.runner import evaluate
+from modalmoe.lifelong import growth_callbacks
+from modalmoe.model.presets import get_preset
+from modalmoe.train import Trainer, load_run_model
+from modalmoe.train.trainer import experiment_task
+
+
+def cell_config(suite: SuiteConfig, task: str, design: str, seed: int):
+    """``<task>/<design>`` with the suite's and the task's overrides and ``train.seed``."""
+    overrides = [*suite.overrides, *suite.task_overrides.get(task, []), f"train.seed={seed}"]
+    return get_preset(f"{task}/{design}", overrides=overrides)
+
+
+def suite_task(suite: SuiteConfig, task_file: str):
+    """The task of a preset task file, limited to ``suite.limit[task]`` samples per split."""
+    task = experiment_task(cell_config(suite, task_file, suite.reference, 0))
+    limit = suite.limit.get(task_file)
+    if not limit:
+        return task
+    splits = {}
+    for name, data in task.splits.items():
+        if len(data) > limit:  # seeded random subset: bundled splits may be sorted by class
+            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:limit]
+            data = data.subset(order.sort().values)
+        splits[name] = data
+    return Task(name=task.name, splits=splits, description=task.description)
+
+
+def fit_sample(train, size: int = 512):
+    """The training samples that fit encoders for FLOP counting (tokenizers, statistics): a
+    fixed subset, the same for every design, so matching stays cheap."""
+    if len(train) <= size:
+        return train
+    return train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:size].sort().values)
+
+
+def cost_batch(task, size: int = 64):
+    """The first ``size`` test samples: the batch whose cost compute matching measures."""
+    return task.test.batch(torch.arange(min(size, len(task.test))))
+
+
+def train_run(config, run_dir: Path, task, *, console: Console | None = None):
+    """Train ``config`` into ``run_dir`` (an attempt interrupted by a kill is started again)
+    and reload its best checkpoint: (TrainResult, model, training seconds)."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    t0 = time.perf_counter()
+    callbacks = growth_callbacks(config, console)  # lifelong cells train grown runs
+    result = Trainer(config, run_dir, task=task, progress=False, console=console, callbacks=callbacks).fit()
+    seconds = time.perf_counter() - t0
+    return result, load_run_model(run_dir), seconds
+
+
+def evaluate_with_axes(model, task, suite: SuiteConfig, seed: int, *, subsets: bool | None = None):
+    """The model on the test split with the suite's robustness axes: (EvalReport, seconds)."""
+    t0 = time.perf_counter()
+    report = evaluate(
+        model,
+        task.test,
+        subsets=suite.robustness.subsets if subsets is None else subsets,
+        noise_levels=[0, *suite.robustness.noise] if suite.robustness.noise else [],
+        train_scale=task.train,
+        seed=seed,
+    )
+    return report, time.perf_counter() - t0
+
+
+def trained_fields(config, run_dir: Path, out: Path, result, report, model, task) -> dict:
+    """The record fields every trained cell has: config, run directory, test metrics and
+    evaluation, the best validation metrics, epochs and steps, and the cost fields."""
+    return {
+        "config": config.model_dump(mode="json"),
+        "run_dir": str(run_dir.relative_to(out)),
+        "metrics": report.metrics,
+        "valid": result.best,
+        "evaluation": report.to_dict(),
+        "epochs": result.epochs,
+        "steps": result.steps,
+        **cost_fields(model, task.test),
+    }
+
+
+def cost_fields(model, data) -> dict:
+    """A trained model's cost fields of a bench record, measured by ``profile_model`` (the
+    numbers ``modalmoe profile`` prints): FLOPs, parameters, latency, memory."""
+    numbers = profile_model(model, data, repeats=10)
+    size = numbers["batch_size"]
+    return {
+        "flops": numbers["flops_per_sample"],
+        "params": numbers["params"],
+        "active_params": numbers["active_params"],
+        "flops_components": numbers["flops_by_component"],
+        "latency_b1_ms": numbers["latency_b1_ms"]["p50_ms"],
+        "latency_b64_ms": numbers[f"latency_b{size}_ms"]["p50_ms"],
+        "memory_b64_mib": numbers[f"memory_b{size}_mib"],
+    }

@@ -1,0 +1,155 @@
+"""A run directory: what ``modalmoe train`` writes and every other command reads.
+
+    run = RunDir("runs/av")
+    config = run.config()            # config.yaml, validated
+    model = run.load_model("best")   # built from task.json, restored from checkpoints/best.safetensors
+
+A run directory holds ``config.yaml`` (the resolved experiment), ``task.json`` (modality
+specs, task type, outputs, class names: the model is rebuilt without its training data),
+``metrics.jsonl``, ``tb/`` (TensorBoard event files), ``checkpoints/{last,best}.safetensors``
+and ``summary.json``. Train, eval, predict, compress, distillation, the routing report and
+the bench all go through ``RunDir``, so a new file or a changed layout is one edit here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+from modalmoe.checkpoint import Checkpoint, CheckpointError, check_config, load_checkpoint, restore_module
+from modalmoe.config import ExperimentConfig, load_config, to_yaml
+from modalmoe.data.batch import ModalitySpec
+from modalmoe.data.tasks import load_task
+from modalmoe.io import atomic_write_text
+from modalmoe.lock import DirectoryLock
+from modalmoe.model.lora import apply_lora
+from modalmoe.model.multimodal import MultimodalModel, build_model
+
+
+def head_outputs(dataset) -> int | None:
+    """The prediction head's outputs for a training split: its classes, or its targets."""
+    if dataset.task_type == "classification":
+        return dataset.num_classes
+    return 1 if dataset.target.dim() == 1 else dataset.target.shape[1]
+
+
+def experiment_task(config: ExperimentConfig):
+    """The task an experiment trains on: the bundled task, restricted to ``config.modalities``."""
+    task = load_task(config.task, **config.task_options)
+    return task.select(config.modalities) if config.modalities else task
+
+
+class RunDir:
+    """One run directory (it need not exist yet).
+
+    Args:
+        path: the directory.
+    """
+
+    # What a run directory holds (``clear`` deletes exactly these; other files are the user's).
+    FILES = ("config.yaml", "task.json", "metrics.jsonl", "summary.json", "tb", "checkpoints")
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+        self.metrics = self.path / "metrics.jsonl"
+        self.summary = self.path / "summary.json"
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def checkpoint(self, which: str = "best") -> Path:
+        """The path of the ``best`` or ``last`` checkpoint."""
+        return self.checkpoints / f"{which}.safetensors"
+
+    def files(self) -> list[str]:
+        """The run artefacts present (empty: no run here)."""
+        return [name for name in self.FILES if (self.path / name).exists()]
+
+    def clear(self) -> None:
+        """Delete the run's artefacts, so that a fresh start leaves no old log behind."""
+        for name in self.files():
+            path = self.path / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+    def lock(self) -> DirectoryLock:
+        """The directory's exclusive lock (``with run.lock(): ...``)."""
+        return DirectoryLock(self.path, what="run directory")
+
+    # --- config and task ------------------------------------------------------------------
+
+    def config(self) -> ExperimentConfig:
+        """The experiment config (``config.yaml``)."""
+        path = self.path / "config.yaml"
+        if not path.is_file():
+            raise CheckpointError(f"{str(self.path)!r} is not a run directory (no config.yaml); see `modalmoe train`")
+        return load_config(path)
+
+    def write_config(self, config: ExperimentConfig) -> None:
+        atomic_write_text(self.path / "config.yaml", to_yaml(config))
+
+    def write_task_info(self, task) -> None:
+        """``task.json``: what a trained model needs to be rebuilt without its training data."""
+        train = task.train
+        info = {
+            "task": task.name,
+            "task_type": train.task_type,
+            "outputs": head_outputs(train),
+            "classes": list(train.classes) if train.classes is not None else None,
+            "specs": {name: dataclasses.asdict(spec) for name, spec in task.specs.items()},
+        }
+        atomic_write_text(self.path / "task.json", json.dumps(info, indent=2))
+
+    def task_info(self) -> dict:
+        """``task.json``, with ``specs`` as ``ModalitySpec`` objects."""
+        path = self.path / "task.json"
+        if not path.is_file():
+            raise CheckpointError(f"{str(self.path)!r} is not a run directory (no task.json); see `modalmoe train`")
+        try:
+            info = json.loads(path.read_bytes())
+            info["specs"] = {name: ModalitySpec(**spec) for name, spec in info["specs"].items()}
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
+            raise CheckpointError(
+                f"{str(path)!r} is damaged ({type(err).__name__}: {err}); it is written by `modalmoe train`: "
+                "restore it from a copy of the run, or retrain"
+            ) from None
+        return info
+
+    # --- the model ------------------------------------------------------------------------
+
+    def load_checkpoint(self, which: str = "best") -> Checkpoint:
+        """The ``best`` or ``last`` checkpoint, checked against the run's model config."""
+        checkpoint = load_checkpoint(self.checkpoint(which))
+        check_config(checkpoint, self.config().model_dump(mode="json"))
+        return checkpoint
+
+    def load_model(self, which: str = "best") -> MultimodalModel:
+        """The trained model (``best`` or ``last`` checkpoint), in eval mode; the training
+        data is not needed."""
+        config, info = self.config(), self.task_info()
+        checkpoint = self.load_checkpoint(which)
+        model = build_model(config.model, info["specs"], task_type=info["task_type"], outputs=info["outputs"])
+        if config.train.lora.rank:  # the checkpoint holds the adapted model: rebuild its adapters first
+            apply_lora(model, config.train.lora)
+        restore_module(model, checkpoint.model_state(), f"checkpoint {str(checkpoint.path)!r}")
+        return model.eval()
+
+
+def load_run_model(run_dir: str | Path, *, which: str = "best") -> MultimodalModel:
+    """``RunDir(run_dir).load_model(which)``."""
+    return RunDir(run_dir).load_model(which)
+
+
+def read_run_config(run_dir: str | Path) -> ExperimentConfig:
+    """``RunDir(run_dir).config()``."""
+    return RunDir(run_dir).config()
+
+
+def read_task_info(run_dir: str | Path) -> dict:
+    """``RunDir(run_dir).task_info()``."""
+    return RunDir(run_dir).task_info()
