@@ -1,6 +1,6 @@
 """Lifelong learning: a run grown by a modality and reserved experts predicts as before on the
 old modalities, keeps what it freezes while it trains, reloads and resumes exactly; EWC and the
-reserved-expert router; the CLI's growth options and its usage errors."""
+reserved experts (their masks: tests/test_moe_masks.py); the CLI's growth options and its usage errors."""
 
 import json
 
@@ -13,7 +13,6 @@ from modalmoe.config import ConfigError
 from modalmoe.lifelong import EWCPenalty, GrowError, add_modality, grow_config, growth_callbacks
 from modalmoe.lifelong.grow import continue_run
 from modalmoe.model.presets import get_preset
-from modalmoe.moe.routers import routers
 from modalmoe.train import Trainer, load_checkpoint, load_run_model, read_run_config
 from modalmoe.train.trainer import experiment_task
 
@@ -39,45 +38,11 @@ def grown(run, **options):
     return type(config).model_validate(data)
 
 
-def test_reserved_experts_are_never_picked_by_other_modalities():
-    torch.manual_seed(0)
-    router = routers.create("token_choice", dim=8, num_experts=6, k=2, modalities=("a", "b"), reserved={"b": [4, 5]})
-    with torch.no_grad():
-        router.weight[4:] *= 50.0  # the reserved experts score highest for every token
-    x, modality = torch.randn(200, 8), torch.arange(200) % 2
-    routing = router(x, modality, torch.zeros(200, dtype=torch.long))
-    picked_by_a = routing.expert_index[modality == 0]
-    assert not torch.isin(picked_by_a, torch.tensor([4, 5])).any()
-    assert torch.isin(routing.expert_index[modality == 1], torch.tensor([4, 5])).any()
-    assert (routing.probs[modality == 0][:, 4:] == 0).all()
-    # Without `reserved`, routing is bit-identical to the plain router's (modalities are ignored).
-    torch.manual_seed(1)
-    plain = routers.create("token_choice", dim=8, num_experts=6, k=2)
-    torch.manual_seed(1)
-    named = routers.create("token_choice", dim=8, num_experts=6, k=2, modalities=("a", "b"))
-    a, b = plain(x, modality, modality), named(x, modality, modality)
-    assert torch.equal(a.expert_index, b.expert_index) and torch.equal(a.weight, b.weight)
-
-
-@pytest.mark.parametrize(
-    ("reserved", "match"),
-    [
-        ({"c": [4]}, "not among the model's"),
-        ({"b": [6]}, r"outside \[0, 6\)"),
-        ({"a": [3], "b": [3]}, "reserved for both"),
-        ({"b": [1, 2, 3, 4, 5]}, "fewer than k=2"),
-    ],
-)
-def test_reserved_experts_are_validated(reserved, match):
-    with pytest.raises(ValueError, match=match):
-        routers.create("token_choice", dim=8, num_experts=6, k=2, modalities=("a", "b"), reserved=reserved)
-
-
 def test_a_grown_model_predicts_as_the_run_on_the_old_modalities(run):
     old = load_run_model(run)
     config = grown(run)
     assert config.modalities == [OLD, NEW] and config.model.moe.num_experts == 4 + EXPERTS
-    assert config.model.moe.router_options["reserved"] == {NEW: [4, 5]}
+    assert config.model.moe.reserved.modalities == {NEW: [4, 5]}
     model, _ = Trainer(config, run.parent / "unused", progress=False, callbacks=growth_callbacks(config)).build()
     task = experiment_task(config)
     batch = task.test.batch(range(len(task.test)))
@@ -156,7 +121,7 @@ def test_grow_config_takes_the_presets_encoder_and_refuses_what_it_cannot_grow(t
     assert "image" not in audio.model.encoders
     config = grow_config(audio, run_dir="runs/audio", add_modalities=["image"], experts=4)
     assert config.model.encoders["image"].options == {"patch": 7}  # from configs/tasks/av-digits.yaml
-    assert config.model.moe.router_options["reserved"] == {"image": [8, 9, 10, 11]}
+    assert config.model.moe.reserved.modalities == {"image": [8, 9, 10, 11]}
     assert config.train.init_from == "runs/audio" and config.train.grow.freeze == "experts"
     with pytest.raises(GrowError, match="supports token_choice"):
         grow_config(

@@ -1,6 +1,6 @@
 """Lifelong learning by task: a run grown by a new task (a new head, experts reserved for it)
 predicts the earlier task exactly as the run did until training changes the old parts, keeps
-what it freezes, evaluates earlier tasks on their own data, resumes; the router's task mask;
+what it freezes, evaluates earlier tasks on their own data, resumes; the task mask (tests/test_moe_masks.py);
 the CLI's --add-task and its usage errors."""
 
 import json
@@ -14,8 +14,6 @@ from modalmoe.evaluate.runner import evaluate
 from modalmoe.lifelong import GrowError, add_task, growth_callbacks
 from modalmoe.lifelong.tasks import continue_task, grow_task_config, task_data
 from modalmoe.model.presets import get_preset
-from modalmoe.moe.routers import routers
-from modalmoe.moe.routers.token_choice import routing_task
 from modalmoe.train import Trainer, load_checkpoint, load_run_model, read_run_config
 from modalmoe.train.trainer import experiment_task
 
@@ -39,28 +37,6 @@ def grown(run, label="t2", epochs=2, **options):
     return type(config).model_validate(data)
 
 
-def test_task_reserved_experts_are_used_only_by_their_task():
-    torch.manual_seed(0)
-    router = routers.create("token_choice", dim=8, num_experts=6, k=2, tasks=("a", "b"), reserved_tasks={"b": [4, 5]})
-    with torch.no_grad():
-        router.weight[4:] *= 50.0  # the reserved experts score highest for every token
-    x, ids = torch.randn(200, 8), torch.zeros(200, dtype=torch.long)
-    assert router.task == 1  # by default, the last task: the one trained now
-    assert torch.isin(router(x, ids, ids).expert_index, torch.tensor([4, 5])).any()
-    with routing_task(router, 0):
-        routing = router(x, ids, ids)
-    assert not torch.isin(routing.expert_index, torch.tensor([4, 5])).any()
-    assert (routing.probs[:, 4:] == 0).all()
-    assert router.task == 1  # restored after the block
-    with pytest.raises(ValueError, match="reserved for both a modality and a task"):
-        routers.create(
-            "token_choice", dim=8, num_experts=6, k=2, modalities=("m",), reserved={"m": [4]},
-            tasks=("a", "b"), reserved_tasks={"b": [4, 5]},
-        )  # fmt: skip
-    with pytest.raises(ValueError, match="`reserved_tasks` names tasks"):
-        routers.create("token_choice", dim=8, num_experts=6, k=2, tasks=("a",), reserved_tasks={"b": [4]})
-
-
 def test_a_model_with_an_added_task_predicts_the_earlier_task_as_before(run):
     old = load_run_model(run).eval()
     task = experiment_task(read_run_config(run))
@@ -80,8 +56,11 @@ def test_a_model_with_an_added_task_predicts_the_earlier_task_as_before(run):
         assert torch.allclose(three(batch, task="t1").logits, expected, atol=1e-6, rtol=0)
         assert torch.allclose(three(batch, task="t2").logits, two(batch).logits, atol=1e-6, rtol=0)
         # t1's pass never reaches the experts added for t2 and t3.
+        routers_before = [dict(vars(m)) for m in three.modules() if hasattr(m, "accepts_mask")]
         picked = torch.cat([r.expert_index.flatten() for r in three(batch, task="t1").records])
         assert int(picked.max()) < 4
+        # Which task a pass is for is an input: no router attribute changes during it.
+        assert [dict(vars(m)) for m in three.modules() if hasattr(m, "accepts_mask")] == routers_before
     with pytest.raises(ValueError, match="no task 'zz'"):
         three(batch, task="zz")
     with pytest.raises(GrowError, match="already has a task 't2'"):
@@ -96,7 +75,7 @@ def _states(run_dir, which="last"):
 def test_a_task_grown_run_keeps_what_it_freezes_and_evaluates_the_earlier_task(run, tmp_path, freeze):
     config = grown(run, freeze=freeze)
     assert config.task_options["seed"] == 2 and [t.name for t in config.model.tasks] == ["t1", "t2"]
-    assert config.model.moe.router_options["reserved_tasks"] == {"t2": [4, 5]}
+    assert config.model.moe.reserved.tasks == {"t2": [4, 5]}
     start, _ = Trainer(config, tmp_path / "unused", progress=False, callbacks=growth_callbacks(config)).build()
     start = {k: v.detach().clone() for k, v in start.state_dict().items()}
     Trainer(config, tmp_path / "run", progress=False, callbacks=growth_callbacks(config)).fit()

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from modalmoe.cli import main
 from modalmoe.model.presets import get_preset
 from modalmoe.train import CheckpointError, Trainer, TrainingError, load_checkpoint, load_run_model
+from modalmoe.train.progress import Progress
 from modalmoe.train.trainer import experiment_task
 
 TINY = ["train.epochs=2"]
@@ -103,12 +104,12 @@ def test_an_update_that_makes_weights_nan_keeps_the_last_good_checkpoints(tmp_pa
 
 def test_a_nan_validation_metric_is_never_the_best(tmp_path):
     trainer = _quiet_trainer(get_preset("tiny/token-choice", overrides=TINY), tmp_path / "run")
-    progress = {"best": None, "bad_evals": 0, "stopped_early": False, "step": 3}
+    progress = Progress(step=3)
     assert not trainer._early_stopping(progress, {"accuracy": float("nan")})
-    assert progress["best"] is None and progress["bad_evals"] == 1
+    assert progress.best is None and progress.bad_evals == 1
     assert trainer._early_stopping(progress, {"accuracy": 0.5})
     assert not trainer._early_stopping(progress, {"accuracy": float("nan")})
-    assert progress["best"] == 0.5
+    assert progress.best == 0.5
 
 
 # --- 2. one writer per run directory and per bench directory ----------------------------------

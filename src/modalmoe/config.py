@@ -22,7 +22,6 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
-    model_serializer,
     model_validator,
 )
 
@@ -50,6 +49,20 @@ class EncoderConfig(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class ReservedExperts(_Strict):
+    """Experts only one modality or one task may use (``modalmoe.moe.masks``): closed to
+    every other modality (task), so their routing is what it was before the experts existed.
+    Lifelong growth sets them (``modalmoe.lifelong``); experts nobody reserved are open to all.
+
+    Attributes:
+        modalities: modality name -> expert ids.
+        tasks: task label (``model.tasks``) -> expert ids.
+    """
+
+    modalities: dict[str, list[int]] = Field(default_factory=dict)
+    tasks: dict[str, list[int]] = Field(default_factory=dict)
+
+
 class MoEConfig(_Strict):
     """Where the MoE layers are and how they route.
 
@@ -75,7 +88,9 @@ class MoEConfig(_Strict):
         bank_experts: experts in each bank when fewer than ``num_experts`` (a model whose
             experts were merged after training, ``modalmoe compress --method merge-experts``:
             the router scores ``num_experts`` and a per-layer map in the checkpoint sends each
-            to its merged expert). None: ``num_experts``; omitted from dumps while None.
+            to its merged expert). None: ``num_experts``.
+        reserved: experts only one modality or task may use (``ReservedExperts``); the
+            router must accept an expert mask (token_choice, expert_choice, per_modality).
     """
 
     every: int = Field(0, ge=0)
@@ -93,6 +108,7 @@ class MoEConfig(_Strict):
     )
     router_options: dict[str, Any] = Field(default_factory=dict)
     bank_experts: int | None = Field(None, ge=1)
+    reserved: ReservedExperts = Field(default_factory=ReservedExperts)
 
     @field_validator("router")
     @classmethod
@@ -105,19 +121,24 @@ class MoEConfig(_Strict):
         return name
 
     @model_validator(mode="after")
+    def _reserved_routable(self) -> MoEConfig:
+        known = registry.family("router")
+        if (self.reserved.modalities or self.reserved.tasks) and known is not None and self.router in known:
+            if not getattr(known.get(self.router), "accepts_mask", False):
+                accepting = [n for n in known.names() if getattr(known.get(n), "accepts_mask", False)]
+                raise ValueError(
+                    f"model.moe.reserved needs a router that takes an expert mask ({', '.join(accepting)}); "
+                    f"{self.router!r} does not"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _k_fits(self) -> MoEConfig:
         if self.k > self.num_experts:
             raise ValueError(f"k={self.k} is larger than num_experts={self.num_experts}")
         if self.bank_experts is not None and self.bank_experts > self.num_experts:
             raise ValueError(f"bank_experts={self.bank_experts} is larger than num_experts={self.num_experts}")
         return self
-
-    @model_serializer(mode="wrap")
-    def _omit_unmerged(self, handler):
-        data = handler(self)
-        if isinstance(data, dict) and self.bank_experts is None:
-            data.pop("bank_experts", None)  # configs and checkpoints from before merging existed
-        return data
 
 
 class FusionConfig(_Strict):
@@ -342,17 +363,6 @@ class ModelConfig(_Strict):
                 )
         return self
 
-    @model_serializer(mode="wrap")
-    def _omit_default_reduction(self, handler):
-        data = handler(self)
-        if isinstance(data, dict) and self.token_reduction.method == "none":
-            data.pop("token_reduction", None)  # older configs and checkpoints have no such key
-        if isinstance(data, dict) and self.quantization.method == "none":
-            data.pop("quantization", None)
-        if isinstance(data, dict) and not self.tasks:
-            data.pop("tasks", None)
-        return data
-
 
 class ObjectiveConfig(_Strict):
     """One training objective (``modalmoe.objectives``).
@@ -455,8 +465,7 @@ class GrowConfig(_Strict):
             becomes an earlier one with its own head, this run trains a new head on the
             experiment's ``task``. One of ``modalities`` and ``task`` is set.
         experts: experts added per MoE layer for each added modality or the added task,
-            reserved for it (``model.moe.router_options.reserved`` / ``reserved_tasks``); 0
-            adds none.
+            reserved for it (``model.moe.reserved``); 0 adds none.
         freeze: what of the run stays fixed: ``experts`` (the run's experts, shared experts
             and router rows), ``old`` (every tensor that came from the run; grown tensors keep
             their old slices), ``none`` (naive fine-tuning). Earlier tasks' heads are never
@@ -482,15 +491,6 @@ class GrowConfig(_Strict):
                 + (", not both" if self.modalities else "")
             )
         return self
-
-    @model_serializer(mode="wrap")
-    def _omit_unset(self, handler):
-        data = handler(self)
-        if isinstance(data, dict) and self.task is None:
-            data.pop("task", None)  # runs grown by a modality before tasks existed keep their config
-        if isinstance(data, dict) and not self.modalities:
-            data.pop("modalities", None)
-        return data
 
 
 class TrainConfig(_Strict):
@@ -550,13 +550,6 @@ class TrainConfig(_Strict):
             raise ValueError("train.grow does not combine with train.lora; set train.lora.rank=0")
         return self
 
-    @model_serializer(mode="wrap")
-    def _omit_no_growth(self, handler):
-        data = handler(self)
-        if isinstance(data, dict) and self.grow is None:
-            data.pop("grow", None)  # configs and checkpoints of plain runs stay as they were
-        return data
-
 
 class DistributedConfig(_Strict):
     """How a run launched by torchrun splits its work (``modalmoe.train.distributed``); a
@@ -578,10 +571,62 @@ class DistributedConfig(_Strict):
     backend: Literal["gloo", "nccl"] | None = None
 
 
+#: The config schema's version. A config without ``version`` is version 1 (written before
+#: versions existed); ``migrate`` brings an older one up to date when it is loaded, so old
+#: runs and checkpoints load and compare as current configs. Add a step to ``MIGRATIONS``
+#: only when a key moves or changes meaning; a new key with a default needs none (a missing
+#: key takes its default on load).
+CONFIG_VERSION = 2
+
+
+def _v1_to_v2(data: dict) -> dict:
+    """Reserved experts moved out of the router's options into ``model.moe.reserved`` (any
+    router that takes an expert mask can use them); expert choice's ``capacity_factor`` option
+    became ``experts_per_token``."""
+    moe = (data.get("model") or {}).get("moe")
+    if not isinstance(moe, dict) or not isinstance(moe.get("router_options"), dict):
+        return data
+    options = moe["router_options"]
+    reserved = dict(moe.get("reserved") or {})
+    for old, new in (("reserved", "modalities"), ("reserved_tasks", "tasks")):
+        if old in options:
+            reserved[new] = options.pop(old)
+    options.pop("tasks", None)  # token_choice's task names: the model passes them to the mask
+    if moe.get("router", "token_choice") == "token_choice":
+        options.pop("modalities", None)
+    if reserved:
+        moe["reserved"] = reserved
+    if moe.get("router") == "expert_choice" and "capacity_factor" in options and "experts_per_token" not in options:
+        options["experts_per_token"] = options.pop("capacity_factor")
+    return data
+
+
+MIGRATIONS = {1: _v1_to_v2}  # version v -> the step from v to v + 1
+
+
+def migrate(data: Mapping) -> dict:
+    """A copy of a raw experiment config brought up to ``CONFIG_VERSION``."""
+    data = copy.deepcopy(dict(data))
+    version = data.get("version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"version must be a positive integer (the config schema's version), got {version!r}")
+    if version > CONFIG_VERSION:
+        raise ValueError(
+            f"this config has version {version}, newer than this modalmoe's {CONFIG_VERSION}; upgrade modalmoe"
+        )
+    while version < CONFIG_VERSION:
+        data = MIGRATIONS[version](data)
+        version += 1
+    data["version"] = version
+    return data
+
+
 class ExperimentConfig(_Strict):
     """A task, a model and how to train it.
 
     Attributes:
+        version: the config schema's version (``CONFIG_VERSION``; older configs are migrated
+            on load, see ``migrate``).
         name: the preset name (informational).
         description: one line about the design.
         task: a bundled task name (``modalmoe data list``).
@@ -593,6 +638,7 @@ class ExperimentConfig(_Strict):
         distributed: data and expert parallelism under torchrun.
     """
 
+    version: int = CONFIG_VERSION
     name: str = ""
     description: str = ""
     task: str
@@ -601,6 +647,11 @@ class ExperimentConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _migrate(cls, data: Any) -> Any:
+        return migrate(data) if isinstance(data, Mapping) else data
 
     @model_validator(mode="after")
     def _experts_split(self) -> ExperimentConfig:

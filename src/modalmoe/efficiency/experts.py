@@ -35,7 +35,6 @@ from torch import Tensor, nn
 
 from modalmoe.moe.experts import ExpertBank, _activate
 from modalmoe.moe.layer import MoELayer
-from modalmoe.moe.routers.token_choice import TokenChoiceRouter
 
 
 def moe_layers(model: nn.Module) -> dict[str, MoELayer]:
@@ -115,8 +114,7 @@ def prune_experts(model: nn.Module, *, keep: int, usage: dict[str, Tensor]) -> n
     _check_usage(layers, usage)
     _plain_banks(layers)
     for name, layer in layers.items():
-        router = layer.router  # token choice's reserved experts (other routers refuse in keep_experts)
-        if isinstance(router, TokenChoiceRouter) and (router.allowed is not None or router.task_allowed is not None):
+        if layer.masks:  # experts reserved for a modality or task (moe.masks)
             raise ValueError(
                 f"{name}: the router reserves experts for a modality or task (a run grown by modalmoe.lifelong); "
                 "pruning keeps other experts in each layer, which one config's reserved ids cannot describe. "

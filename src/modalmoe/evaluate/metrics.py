@@ -48,6 +48,7 @@ def direction(metric: str) -> str:
     """``"min"`` for a lower-is-better metric, else ``"max"``."""
     return "min" if metric in LOWER_IS_BETTER else "max"
 
+
 ECE_BINS = 15  # the usual choice since Guo et al. 2017, "On Calibration of Modern Neural Networks"
 
 

@@ -13,11 +13,12 @@ adding experts.
 - ``state.py``: per-expert tensors and how a grown one takes the run's values;
 - ``ewc.py``: Elastic Weight Consolidation (Kirkpatrick et al. 2017) against the run.
 
-New experts are reserved for the new modality (``token_choice``'s ``reserved``), so tokens of
+New experts are reserved for the new modality (``model.moe.reserved.modalities``, an expert
+mask each MoE layer applies, ``modalmoe.moe.masks``), so tokens of
 the old modalities route exactly as before and a grown model predicts exactly as the run did
 on inputs without the new modality until training changes the old parts (``freeze`` decides
 which may change). Experts added for a task are reserved for it in the same way
-(``reserved_tasks``): earlier tasks, predicted through their own heads
+(``model.moe.reserved.tasks``; the model passes each sample's task id): earlier tasks, predicted through their own heads
 (``model(batch, task=label)``), route exactly as before.
 """
 

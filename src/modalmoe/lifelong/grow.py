@@ -11,7 +11,7 @@ or in memory, ``grown = add_modality(model, "image", spec, experts=4, data=task.
 The continued experiment appends the new modalities (existing modality ids keep their
 meaning), gives each its encoder (the run's preset's entry, else the default for its kind),
 adds ``experts`` experts per MoE layer for each new modality and reserves them for it
-(``model.moe.router_options.reserved``), and starts from the run (``train.init_from``, with
+(``model.moe.reserved``), and starts from the run (``train.init_from``, with
 the experts' tensors grown, see ``state.grow_tensor``). ``train.grow`` says what stays fixed:
 
 - ``freeze: experts``: the run's experts (their slices of the stacked banks), shared experts
@@ -40,7 +40,7 @@ from modalmoe.lifelong.state import expert_dims, grow_tensor
 from modalmoe.run import read_run_config
 from modalmoe.train.callbacks import Callback
 
-#: Routers whose experts can grow: one score row per expert, with the ``reserved`` mask.
+#: Routers whose experts can grow: one score row per expert, and an expert mask (``moe.masks``).
 SUPPORTED_ROUTERS = ("token_choice",)
 FREEZE = ("experts", "old", "none")
 
@@ -105,12 +105,10 @@ def grow_model_config(
                 encoder.model_dump(mode="json") if isinstance(encoder, EncoderConfig) else dict(encoder)
             )
     if experts:
-        options = data["moe"]["router_options"]
-        reserved = {k: list(v) for k, v in (options.get("reserved") or {}).items()}
+        reserved = data["moe"]["reserved"]["modalities"]
         first = moe.num_experts
         for i, name in enumerate(add):
             reserved[name] = list(range(first + i * experts, first + (i + 1) * experts))
-        options["reserved"] = reserved
         data["moe"]["num_experts"] = first + experts * len(add)
     if "modalities" in data["moe"]["router_options"]:
         data["moe"]["router_options"]["modalities"] = [*modalities, *add]

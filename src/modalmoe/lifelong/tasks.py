@@ -9,10 +9,11 @@ outputs), in the order learned. The last is the task trained now and predicted b
 its head is the model's ``head``, so training, evaluation and profiling need nothing new.
 Earlier tasks keep their heads in ``task_heads``; ``model(batch, task=label)`` predicts one.
 
-Experts added for a task are reserved for it (``token_choice``'s ``reserved_tasks``): every
-earlier task's pass masks them out, so it routes exactly as before they existed and, until
-training changes the old parts, predicts exactly as the run did. ``train.grow.freeze``
-decides which old parts may change (as for a new modality, ``grow.py``); earlier tasks'
+Experts added for a task are reserved for it (``model.moe.reserved.tasks``, an expert mask
+the model hands each MoE layer with each sample's task id): every earlier task's pass masks
+them out, so it routes exactly as before they existed and, until training changes the old
+parts, predicts exactly as the run did. ``train.grow.freeze`` decides which old parts may
+change (as for a new modality, ``grow.py``); earlier tasks'
 heads always stay fixed, since the new task's loss never reads them.
 
 The new task's data is the continued experiment's ``task`` and ``task_options``: it must
@@ -61,14 +62,9 @@ def grow_task_model_config(
     data = config.model_dump(mode="json")
     data["tasks"] = tasks
     if experts:
-        options = data["moe"]["router_options"]
-        reserved = {k: list(v) for k, v in (options.get("reserved_tasks") or {}).items()}
         first = config.moe.num_experts
-        reserved[name] = list(range(first, first + experts))
-        options["reserved_tasks"] = reserved
+        data["moe"]["reserved"]["tasks"][name] = list(range(first, first + experts))
         data["moe"]["num_experts"] = first + experts
-    if "tasks" in data["moe"]["router_options"]:
-        data["moe"]["router_options"]["tasks"] = [t["name"] for t in tasks]
     return validate(data, ModelConfig, source=f"for the model grown by task {name!r}")
 
 

@@ -135,8 +135,10 @@ class Block(nn.Module):
         stats: bool = False,
         scores: bool = False,
         reduce: Callable[[Tensor, BlockStats], TokenState] | None = None,
+        task: Tensor | None = None,
     ) -> BlockOutput:
-        """The block on x: [B, N, D], mask: [B, N] real tokens, modality/sample: [B, N] ids.
+        """The block on x: [B, N, D], mask: [B, N] real tokens, modality/sample: [B, N] ids
+        (sample ids are rows of the caller's batch).
 
         Args:
             size, scores: token reduction, as in ``attention_with_stats``.
@@ -144,6 +146,8 @@ class Block(nn.Module):
             reduce: token reduction between the attention and the FFN (ToMe's placement):
                 ``(x [B, N, D] post-attention tokens, stats) -> TokenState``; the FFN runs on
                 the state's tokens, and the output carries the state.
+            task: [B0] the task id of each row of the caller's batch (indexed by ``sample``),
+                for MoE layers whose experts are reserved by task; None: none.
         """
         block_stats = None
         if stats or reduce is not None:
@@ -157,7 +161,8 @@ class Block(nn.Module):
             x, mask, modality, sample = state.x, state.mask, state.modality, state.sample
         h = self.norm2(x)
         if isinstance(self.ffn, MoELayer):
-            out = self.ffn(h, modality=modality, sample=sample, mask=mask)
+            task_ids = None if task is None else task[sample]
+            out = self.ffn(h, modality=modality, sample=sample, mask=mask, task=task_ids)
             y, aux, record = out.x, out.aux_losses, out.record
         else:
             # Only real tokens: padding (and absent modalities' slots) costs no FFN FLOPs,
@@ -225,11 +230,17 @@ class Trunk(nn.Module):
         self.reduction = reduction
 
     def forward(
-        self, x: Tensor, mask: Tensor, modality: Tensor | None = None, sample: Tensor | None = None
+        self,
+        x: Tensor,
+        mask: Tensor,
+        modality: Tensor | None = None,
+        sample: Tensor | None = None,
+        task: Tensor | None = None,
     ) -> TrunkOutput:
         """x: [B, N, D], mask: [B, N] real tokens, modality: [B, N] ids (default 0), sample:
         [B] id of each row in the caller's batch (default ``arange(B)``; fusions that run a
-        subset of rows pass their batch indices so routing records name the right samples)."""
+        subset of rows pass their batch indices so routing records name the right samples),
+        task: [B0] task id of each row of the caller's batch (see ``Block.forward``)."""
         if not bool(mask.any(1).all()):
             empty = (~mask.any(1)).nonzero().squeeze(1).tolist()
             raise ValueError(f"samples {empty} have no tokens: every sample needs at least one modality")
@@ -239,15 +250,17 @@ class Trunk(nn.Module):
         sample = sample.unsqueeze(1).expand(b, n)
         out = TrunkOutput(x * mask.unsqueeze(-1))
         if self.reduction is not None and self.reduction.active:
-            return self._forward_reduced(out, mask, modality, sample)
+            return self._forward_reduced(out, mask, modality, sample, task)
         for block in self.blocks:
-            result = block(out.x, mask, modality, sample)
+            result = block(out.x, mask, modality, sample, task=task)
             out.x = result.x
             collect(out, result.aux_losses, result.record)
         out.x = self.norm(out.x) * mask.unsqueeze(-1)
         return out
 
-    def _forward_reduced(self, out: TrunkOutput, mask: Tensor, modality: Tensor, sample: Tensor) -> TrunkOutput:
+    def _forward_reduced(
+        self, out: TrunkOutput, mask: Tensor, modality: Tensor, sample: Tensor, task: Tensor | None
+    ) -> TrunkOutput:
         """The blocks on shrinking tokens; the output goes back to the original positions."""
         reduction = self.reduction
         state = reduction.reduce(reduction.start(out.x, mask, modality, sample), -1)
@@ -257,7 +270,15 @@ class Trunk(nn.Module):
             # Between this block's attention and its FFN (ToMe's placement), or after it.
             inside = partial(_reduce_inside, reduction, state, i) if reduction.inside(i) else None
             result = block(
-                state.x, state.mask, state.modality, state.sample, size=size, stats=True, scores=scores, reduce=inside
+                state.x,
+                state.mask,
+                state.modality,
+                state.sample,
+                size=size,
+                stats=True,
+                scores=scores,
+                reduce=inside,
+                task=task,
             )
             collect(out, result.aux_losses, result.record)
             if result.state is None:

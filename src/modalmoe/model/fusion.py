@@ -71,7 +71,8 @@ def _stream_ids(rows: Tensor, n: int, modality: int) -> Tensor:
 
 
 class Fusion(nn.Module):
-    """Base: ``forward(streams: list[Tokens]) -> FusionOutput``.
+    """Base: ``forward(streams: list[Tokens], task=None) -> FusionOutput``; ``task``: [B] the
+    task id of each sample, for MoE layers whose experts are reserved by task (None: none).
 
     Args (shared by every fusion): dim, depth, heads, hidden, activation, moe_every, moe,
     dropout as in ``Trunk``; ``modalities``: the names, in id order; ``reduction``: token
@@ -108,11 +109,11 @@ class EarlyFusion(Fusion):
     def set_reduction(self, reduction: TokenReducer | None) -> None:
         self.trunk.set_reduction(reduction)
 
-    def forward(self, streams: list[Tokens]) -> FusionOutput:
+    def forward(self, streams: list[Tokens], task: Tensor | None = None) -> FusionOutput:
         x = torch.cat([s.x for s in streams], 1)
         mask = torch.cat([s.mask for s in streams], 1)
         modality = torch.cat([torch.full_like(s.mask, i, dtype=torch.long) for i, s in enumerate(streams)], 1)
-        out = self.trunk(x, mask, modality)
+        out = self.trunk(x, mask, modality, task=task)
         widths = [s.mask.shape[1] for s in streams]
         tokens = list(out.x.split(widths, 1))  # the trunk zeroes padding
         # After token reduction, pool only the positions that still carry a state.
@@ -135,7 +136,7 @@ class LateFusion(Fusion):
         for trunk in self.trunks:
             trunk.set_reduction(reduction)
 
-    def forward(self, streams: list[Tokens]) -> FusionOutput:
+    def forward(self, streams: list[Tokens], task: Tensor | None = None) -> FusionOutput:
         batch = streams[0].x.shape[0]
         result = RoutingLog()
         pooled, tokens = [], []
@@ -144,7 +145,7 @@ class LateFusion(Fusion):
             column, states = s.x.new_zeros(batch, self.dim), s.x.new_zeros(batch, s.x.shape[1], self.dim)
             if rows.numel():
                 x, mask = s.x.index_select(0, rows), s.mask.index_select(0, rows)
-                out = trunk(x, mask, _stream_ids(rows, x.shape[1], i), sample=rows)
+                out = trunk(x, mask, _stream_ids(rows, x.shape[1], i), sample=rows, task=task)
                 pool = mask if out.mask is None else out.mask  # after token reduction: what is left
                 column = column.index_copy(0, rows, masked_mean(out.x, pool))
                 states = states.index_copy(0, rows, out.x)
@@ -184,7 +185,7 @@ class BottleneckFusion(_Streams):
         super().__init__(modalities=modalities, **trunk)
         self.bottleneck = nn.Parameter(torch.randn(bottleneck_tokens, self.dim) * 0.02)
 
-    def forward(self, streams: list[Tokens]) -> FusionOutput:
+    def forward(self, streams: list[Tokens], task: Tensor | None = None) -> FusionOutput:
         batch, nb = streams[0].x.shape[0], self.bottleneck.shape[0]
         xs = [s.x * s.mask.unsqueeze(-1) for s in streams]
         rows_of = [s.mask.any(1).nonzero().squeeze(1) for s in streams]
@@ -199,7 +200,7 @@ class BottleneckFusion(_Streams):
                 x = torch.cat([xs[i].index_select(0, rows), z.index_select(0, rows)], 1)
                 mask = torch.cat([s.mask.index_select(0, rows), s.mask.new_ones(rows.shape[0], nb)], 1)
                 sample = rows.unsqueeze(1).expand(-1, n + nb)
-                out = self.streams[i][layer](x, mask, _stream_ids(rows, n + nb, i), sample)
+                out = self.streams[i][layer](x, mask, _stream_ids(rows, n + nb, i), sample, task=task)
                 collect(result, out.aux_losses, out.record)
                 xs[i] = xs[i].index_copy(0, rows, out.x[:, :n])
                 z_sum = z_sum.index_add(0, rows, out.x[:, n:])
@@ -246,7 +247,7 @@ class CrossFusion(_Streams):
             for _ in modalities
         )
 
-    def forward(self, streams: list[Tokens]) -> FusionOutput:
+    def forward(self, streams: list[Tokens], task: Tensor | None = None) -> FusionOutput:
         xs = [s.x * s.mask.unsqueeze(-1) for s in streams]
         rows_of = [s.mask.any(1).nonzero().squeeze(1) for s in streams]
         result = RoutingLog()
@@ -263,7 +264,7 @@ class CrossFusion(_Streams):
                     x = (x + self.cross[i][layer](x, memory, memory_mask)) * mask.unsqueeze(-1)
                 n = x.shape[1]
                 sample = rows.unsqueeze(1).expand(-1, n)
-                out = self.streams[i][layer](x, mask, _stream_ids(rows, n, i), sample)
+                out = self.streams[i][layer](x, mask, _stream_ids(rows, n, i), sample, task=task)
                 collect(result, out.aux_losses, out.record)
                 xs[i] = xs[i].index_copy(0, rows, out.x)
         return self.finish(streams, xs, result)

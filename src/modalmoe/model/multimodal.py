@@ -36,7 +36,6 @@ from modalmoe.model.missing import MissingBank, check_some_present, modality_dro
 from modalmoe.model.quantized import int8_structure
 from modalmoe.model.reduction import build_token_reduction
 from modalmoe.moe.routers import routers
-from modalmoe.moe.routers.token_choice import routing_task
 from modalmoe.moe.types import RoutingRecord
 
 DEFAULT_ENCODER = {"text": "text_learned"}  # other kinds share the kind's name
@@ -250,11 +249,12 @@ class MultimodalModel(nn.Module):
         if self.bank is not None:
             streams = self.bank(streams, present)
         head, index = self.task_head(task)
-        if index is None:
-            fused = self.fusion(streams)
-        else:
-            with routing_task(self.fusion, index):
-                fused = self.fusion(streams)
+        task_ids = None
+        if self.tasks:  # which task each sample is for, read by experts reserved by task
+            batch_size = streams[0].x.shape[0]
+            task_ids = torch.full((batch_size,), len(self.tasks) - 1 if index is None else index, dtype=torch.long)
+            task_ids = task_ids.to(streams[0].x.device)
+        fused = self.fusion(streams, task=task_ids)
         weight = fused.present.to(fused.pooled.dtype).unsqueeze(-1)
         vector = (fused.pooled * weight).sum(1) / weight.sum(1).clamp_min(1.0)
         return ModelOutput(
@@ -290,8 +290,11 @@ def moe_arguments(config: ModelConfig, modalities: list[str]) -> dict | None:
     accepts = inspect.signature(routers.get(moe.router)).parameters
     if "modalities" in accepts and "modalities" not in options:
         options["modalities"] = tuple(modalities)
-    if config.tasks and "tasks" in accepts and "tasks" not in options:
-        options["tasks"] = tuple(t.name for t in config.tasks)
+    reserved = {}
+    if moe.reserved.modalities:
+        reserved["modality"] = (tuple(modalities), moe.reserved.modalities)
+    if moe.reserved.tasks:
+        reserved["task"] = (tuple(t.name for t in config.tasks), moe.reserved.tasks)
     expert_hidden = moe.expert_hidden or max(1, config.hidden // (moe.k + moe.shared_experts))
     args = dict(
         num_experts=moe.num_experts,
@@ -306,6 +309,8 @@ def moe_arguments(config: ModelConfig, modalities: list[str]) -> dict | None:
         communication_dim=moe.communication_dim,
         router_options=options,
     )
+    if reserved:
+        args["reserved"] = reserved
     if moe.bank_experts is not None:
         args["bank_experts"] = moe.bank_experts
     return args

@@ -16,6 +16,8 @@ from modalmoe.moe.dispatch import (
 )
 from modalmoe.moe.experts import ExpertBank, FeedForward
 from modalmoe.moe.losses import AUX_LOSSES, aux_losses
+from modalmoe.moe.masks import ExpertMask, check_overlap, combined, smallest_open
+from modalmoe.moe.routers import routers
 from modalmoe.moe.routers.base import Router
 from modalmoe.moe.types import MoEOutput, RoutingRecord
 
@@ -46,6 +48,9 @@ class MoELayer(nn.Module):
             experts, ``modalmoe.efficiency.experts``: the router still scores E experts, and a
             token that picks two merged into one gets that one at the sum of their weights);
             None: the router's experts are the bank's.
+        masks: group (``"modality"``, ``"task"``) -> an ``ExpertMask``: which experts a token
+            of each modality or task may use (``modalmoe.moe.masks``); the router must accept
+            masks. None: every expert is open to every token.
     """
 
     def __init__(
@@ -60,6 +65,7 @@ class MoELayer(nn.Module):
         communication: nn.Module | None = None,
         aux: tuple[str, ...] = AUX_LOSSES,
         expert_map: Tensor | None = None,
+        masks: dict[str, ExpertMask] | None = None,
     ) -> None:
         super().__init__()
         if expert_map is None and router.num_experts != experts.num_experts:
@@ -85,6 +91,23 @@ class MoELayer(nn.Module):
         if unknown:
             raise ValueError(f"unknown aux losses {unknown}; choose from {AUX_LOSSES}")
         self.aux = tuple(aux)
+        self.masks = nn.ModuleDict(masks or {})
+        if self.masks:
+            if not router.accepts_mask:
+                accepting = [n for n in routers.names() if routers.get(n).accepts_mask]
+                raise ValueError(
+                    f"{type(router).__name__} does not take an expert mask (experts reserved for a modality or "
+                    f"task); use one of the routers that do: {', '.join(accepting)}"
+                )
+            widths = {m.allowed.shape[1] for m in self.masks.values()}
+            if widths != {router.num_experts}:
+                raise ValueError(f"expert masks cover {sorted(widths)} experts, the router {router.num_experts}")
+            open_ = smallest_open(list(self.masks.values()))
+            if open_ < router.min_open:
+                raise ValueError(
+                    f"with the reserved experts, a token can use only {open_} experts, fewer than the "
+                    f"{router.min_open} the router chooses (k); reserve fewer experts or add more"
+                )
 
     def forward(
         self,
@@ -92,6 +115,7 @@ class MoELayer(nn.Module):
         modality: Tensor | None = None,
         sample: Tensor | None = None,
         mask: Tensor | None = None,
+        task: Tensor | None = None,
     ) -> MoEOutput:
         """Route and run the experts.
 
@@ -101,6 +125,8 @@ class MoELayer(nn.Module):
             sample: sample id per token (default: the row of a [B, N, D] input, else all 0).
             mask: True for real tokens (default: all); padding is neither routed nor recorded,
                 and comes out as 0.
+            task: task id per token, shaped like ``modality``; read only by a ``"task"``
+                expert mask (None: the layer has none).
 
         Returns:
             ``MoEOutput`` with ``x`` shaped like the input.
@@ -115,15 +141,21 @@ class MoELayer(nn.Module):
                 if x.dim() == 3
                 else torch.zeros(lead, dtype=torch.long, device=x.device)
             )
-        for name, t in (("modality", modality), ("sample", sample), ("mask", mask)):
+        for name, t in (("modality", modality), ("sample", sample), ("mask", mask), ("task", task)):
             if t is not None and t.shape != lead:
                 raise ValueError(f"{name} must have shape {tuple(lead)} (x without its last dim), got {tuple(t.shape)}")
         tokens, modality, sample = x.reshape(-1, dim), modality.reshape(-1), sample.reshape(-1)
+        task = None if task is None else task.reshape(-1)
         keep = None if mask is None else mask.reshape(-1).nonzero().squeeze(-1)
         if keep is not None:
             tokens, modality, sample = tokens[keep], modality[keep], sample[keep]
+            task = None if task is None else task[keep]
 
-        routing = self.router(tokens, modality, sample)
+        if self.masks:
+            allowed = combined(self.masks, {"modality": modality, "task": task})
+            routing = self.router(tokens, modality, sample, allowed=allowed)
+        else:
+            routing = self.router(tokens, modality, sample)
         if self.uniform:
             if routing.soft is not None or routing.valid is not None:
                 raise ValueError(
@@ -193,6 +225,7 @@ def build_moe_layer(
     aux: tuple[str, ...] = AUX_LOSSES,
     router_options: dict | None = None,
     bank_experts: int | None = None,
+    reserved: dict[str, tuple[tuple[str, ...], dict[str, list[int]]]] | None = None,
     **router_kwargs,
 ) -> MoELayer:
     """Component builder: an ``MoELayer`` from plain parameters.
@@ -214,8 +247,9 @@ def build_moe_layer(
         communication_dim: the exchange width r of the communication module (default D // 4).
         bank_experts: experts in the bank when fewer than the router's (a merged model's
             structure; its ``expert_map`` comes from the checkpoint). None: ``num_experts``.
+        reserved: group (``"modality"``, ``"task"``) -> (the group's names in id order,
+            {name: expert ids only it may use}); builds the layer's ``ExpertMask``s.
     """
-    from modalmoe.moe.routers import routers  # the registry; imported here to keep import order simple
 
     if shared_experts < 0:
         raise ValueError(f"shared_experts must be >= 0, got {shared_experts}")
@@ -225,6 +259,12 @@ def build_moe_layer(
             f"communication={communication!r} needs per-token expert choices; the soft router has none "
             "(use communication='none' with it)"
         )
+    reserved = {group: spec for group, spec in (reserved or {}).items() if spec[1]}
+    check_overlap({group: by_name for group, (_, by_name) in reserved.items()})
+    masks = {
+        group: ExpertMask(names=names, reserved=by_name, num_experts=num_experts, group=group)
+        for group, (names, by_name) in reserved.items()
+    }
     return MoELayer(
         router=routers.create(router, dim=dim, num_experts=num_experts, **{**router_kwargs, **(router_options or {})}),
         experts=ExpertBank(num_experts=bank_experts or num_experts, dim=dim, hidden=hidden, activation=activation),
@@ -239,4 +279,5 @@ def build_moe_layer(
         expert_map=None
         if bank_experts is None or bank_experts == num_experts
         else torch.arange(num_experts) % bank_experts,
+        masks=masks,
     )

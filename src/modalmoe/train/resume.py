@@ -11,7 +11,7 @@ epochs" expects:
 - ``train.early_stopping.patience`` may only grow, or become 0 (never stop). A run stopped
   early by the old patience goes on while the new one allows.
 
-Each change is recorded in the run's history (``progress["history"]`` in every later
+Each change is recorded in the run's history (``Progress.history``, ``train.progress``, in every later
 checkpoint, ``history`` in ``summary.json``) and ``config.yaml`` is rewritten with the new
 values. Every other difference is refused, as before.
 """

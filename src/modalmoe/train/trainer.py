@@ -25,9 +25,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import rich.progress
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
 from modalmoe.checkpoint import (
@@ -53,6 +54,7 @@ from modalmoe.run import (  # noqa: F401  (run-directory helpers, importable fro
 from modalmoe.train.callbacks import Callback, builtin_callbacks
 from modalmoe.train.distributed import NullLog, setup_parallel, torchrun_world
 from modalmoe.train.init import init_from_run
+from modalmoe.train.progress import Progress
 from modalmoe.train.resume import extensions
 
 
@@ -221,63 +223,64 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, warmup_cosine(total_steps, cfg.warmup, cfg.min_lr_ratio)
         )
-        progress = {"step": 0, "epoch": 0, "batch": 0, "best": None, "bad_evals": 0, "stopped_early": False}
+        progress = Progress()
         self.saved = {}
         if resume:
             checkpoint = load_checkpoint(last_path)
             compared, changes = extensions(checkpoint.config, config_json, source=str(last_path))
             check_config(checkpoint, compared, sections=("task", "task_options", "model", "train"))
             parallel.restore_training(checkpoint, module=module, optimizer=optimizer, scheduler=scheduler)
-            progress = checkpoint.progress
-            self.saved = {"last": progress["step"]}
+            progress = Progress.from_dict(checkpoint.progress)
+            self.saved = {"last": progress.step}
             if best_path.is_file():
                 self.saved["best"] = None
             if changes:
-                progress.setdefault("history", []).append({"step": progress["step"], "changes": changes})
+                progress.history.append({"step": progress.step, "changes": changes})
                 patience = self.config.train.early_stopping
-                if progress["stopped_early"] and patience is not None:
-                    progress["stopped_early"] = bool(patience.patience) and progress["bad_evals"] >= patience.patience
+                if progress.stopped_early and patience is not None:
+                    progress.stopped_early = bool(patience.patience) and progress.bad_evals >= patience.patience
                 if main:
                     self.run.write_config(self.config)
                 shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items())
                 self.console.print(f"extending the run: {shown}")
-            self.console.print(f"resuming {self.out} at step {progress['step']} (epoch {progress['epoch']})")
+            self.console.print(f"resuming {self.out} at step {progress.step} (epoch {progress.epoch})")
         elif main:
             self.out.mkdir(parents=True, exist_ok=True)
             self.run.write_config(self.config)
             self.run.write_task_info(self.task)
-        log = (
-            _Log(self.out, purge_after=progress["step"] if resume else None, console=self.console)
-            if main
-            else NullLog()
-        )
+        log = _Log(self.out, purge_after=progress.step if resume else None, console=self.console) if main else NullLog()
         for callback in self.callbacks:
-            if progress.get(callback.name):
-                callback.load_state_dict(progress[callback.name])
+            if progress.callbacks.get(callback.name):
+                callback.load_state_dict(progress.callbacks[callback.name])
         params = [p for p in module.parameters()]
 
         def checkpoint_to(path: Path) -> None:
             for callback in self.callbacks:
                 state = callback.state_dict()
                 if state is not None:
-                    progress[callback.name] = state
+                    progress.callbacks[callback.name] = state
             parallel.save_checkpoint(
-                path, module=module, config=config_json, progress=progress, optimizer=optimizer, scheduler=scheduler
+                path,
+                module=module,
+                config=config_json,
+                progress=progress.to_dict(),
+                optimizer=optimizer,
+                scheduler=scheduler,
             )
-            self.saved[path.stem] = progress["step"]
+            self.saved[path.stem] = progress.step
 
         started = time.perf_counter()
         terms: dict[str, float] = {"loss": float("nan")}
         bar = _bar(self.console, total_steps, self.show_progress and parallel.is_main)
         try:
             with bar:
-                task_id = bar.add_task("train", total=total_steps, completed=progress["step"], info="")
-                while progress["epoch"] < cfg.epochs and not progress["stopped_early"]:
-                    epoch = progress["epoch"]
+                task_id = bar.add_task("train", total=total_steps, completed=progress.step, info="")
+                while progress.epoch < cfg.epochs and not progress.stopped_early:
+                    epoch = progress.epoch
                     order = epoch_order(len(train), cfg.seed, epoch)
                     module.train()
                     micro = 0
-                    for index in range(progress["batch"], batches_per_epoch):
+                    for index in range(progress.batch, batches_per_epoch):
                         rows = order[index * cfg.batch_size : (index + 1) * cfg.batch_size]
                         batch = train.batch(parallel.shard(rows))  # this rank's slice of the global batch
                         # Each micro-batch's mean loss weighs by its share of its accumulation
@@ -285,7 +288,7 @@ class Trainer:
                         start = index - index % cfg.accumulate
                         group_samples = len(order[start * cfg.batch_size : (start + cfg.accumulate) * cfg.batch_size])
                         scale = parallel.loss_scale(rows) * len(rows) / group_samples
-                        terms, records = self._backward(forward_model, objectives, batch, progress["step"], scale=scale)
+                        terms, records = self._backward(forward_model, objectives, batch, progress.step, scale=scale)
                         terms = parallel.reduce_terms(terms, rows)
                         micro += 1
                         if micro % cfg.accumulate and index + 1 < batches_per_epoch:
@@ -297,24 +300,24 @@ class Trainer:
                         if cfg.clip_norm is not None:
                             parallel.clip_grad_norm_(module, cfg.clip_norm)
                         optimizer.step()
-                        self._check_weights(module, params, progress["step"] + 1)
+                        self._check_weights(module, params, progress.step + 1)
                         scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
-                        progress["step"] += 1
-                        progress["batch"] = index + 1
-                        record = {"step": progress["step"], "epoch": epoch, "lr": scheduler.get_last_lr()[0], **terms}
+                        progress.step += 1
+                        progress.batch = index + 1
+                        record = {"step": progress.step, "epoch": epoch, "lr": scheduler.get_last_lr()[0], **terms}
                         log.write("train", record | extra)
-                        notes = "".join(cb.after_update(progress["step"], epoch, records, log) for cb in self.callbacks)
+                        notes = "".join(cb.after_update(progress.step, epoch, records, log) for cb in self.callbacks)
                         bar.update(task_id, advance=1, info=f"loss {terms['loss']:.4f}{notes}")
-                        if cfg.checkpoint_every and progress["step"] % cfg.checkpoint_every == 0:
+                        if cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0:
                             checkpoint_to(last_path)
-                    progress["epoch"], progress["batch"] = epoch + 1, 0
+                    progress.epoch, progress.batch = epoch + 1, 0
                     if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                         metrics = parallel.broadcast(self.validate(model))  # rank 0's, so all stop alike
-                        log.write("valid", {"step": progress["step"], "epoch": epoch + 1, **metrics})
+                        log.write("valid", {"step": progress.step, "epoch": epoch + 1, **metrics})
                         improved = self._early_stopping(progress, metrics)
                         if improved:
-                            progress["best_metrics"] = metrics
+                            progress.best_metrics = metrics
                             checkpoint_to(best_path)
                         shown = f"{self._metric_name()} {metrics[self._metric_name()]:.4f}"
                         bar.update(task_id, info=f"loss {terms['loss']:.4f} | valid {shown}")
@@ -323,8 +326,8 @@ class Trainer:
             log.close()
         parallel.close()
         if not parallel.is_main:  # rank 0 evaluates the best checkpoint and writes the summary
-            best = progress.get("best_metrics", {})
-            return TrainResult(self.out, progress["step"], progress["epoch"], best, {}, progress["stopped_early"])
+            best = progress.best_metrics or {}
+            return TrainResult(self.out, progress.step, progress.epoch, best, {}, progress.stopped_early)
         if not best_path.is_file():
             name = self._metric_name()
             raise TrainingError(
@@ -408,7 +411,7 @@ class Trainer:
         pred = predict(model, self.task.valid, batch_size=256)
         return task_metrics(pred.logits, pred.target, self._head_kind())
 
-    def _early_stopping(self, progress: dict, metrics: dict) -> bool:
+    def _early_stopping(self, progress: Progress, metrics: dict) -> bool:
         """Update the best metric; True when this evaluation is the best so far."""
         stop = self.config.train.early_stopping
         name, mode = self._metric()
@@ -418,23 +421,22 @@ class Trainer:
                 "set train.early_stopping.metric to one of them"
             )
         value = metrics[name]
-        best = progress["best"]
+        best = progress.best
         if not math.isfinite(value):  # a NaN compares False both ways; it must never become "best"
-            step = progress["step"]
+            step = progress.step
             self.console.print(f"[yellow]warning:[/yellow] validation {name} is {value} at step {step}: never the best")
             improved = False
         else:
             improved = best is None or (value > best if mode == "max" else value < best)
         if improved:
-            progress["best"], progress["bad_evals"] = value, 0
+            progress.best, progress.bad_evals = value, 0
         else:
-            progress["bad_evals"] += 1
-            if stop is not None and stop.patience and progress["bad_evals"] >= stop.patience:
-                progress["stopped_early"] = True
+            progress.bad_evals += 1
+            if stop is not None and stop.patience and progress.bad_evals >= stop.patience:
+                progress.stopped_early = True
         return improved
 
-    def _finish(self, progress: dict, seconds: float) -> TrainResult:
-
+    def _finish(self, progress: Progress, seconds: float) -> TrainResult:
         model = self.run.load_model("best")
         trainable, total = count_parameters(model)
         trainable -= sum(cb.fixed_parameters for cb in self.callbacks)  # e.g. a grown run's fixed old parts
@@ -442,13 +444,13 @@ class Trainer:
         test = task_metrics(test_pred.logits, test_pred.target, self._head_kind())
         # The validation metrics of the best checkpoint, kept when it was saved (runs written
         # before they were kept are validated again).
-        best = progress.get("best_metrics") or self.validate(model)
+        best = progress.best_metrics or self.validate(model)
         summary = {
             "name": self.config.name,
             "task": self.config.task,
-            "steps": progress["step"],
-            "epochs": progress["epoch"],
-            "stopped_early": progress["stopped_early"],
+            "steps": progress.step,
+            "epochs": progress.epoch,
+            "stopped_early": progress.stopped_early,
             "train_seconds": round(seconds, 2),
             "valid": best,
             "test": test,
@@ -456,10 +458,10 @@ class Trainer:
         }
         if self.init_report is not None:
             summary["init_from"] = self.init_report.to_json()
-        if progress.get("history"):  # config changes of --resume (modalmoe.train.resume)
-            summary["history"] = progress["history"]
+        if progress.history:  # config changes of --resume (modalmoe.train.resume)
+            summary["history"] = progress.history
         atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
-        return TrainResult(self.out, progress["step"], progress["epoch"], best, test, progress["stopped_early"])
+        return TrainResult(self.out, progress.step, progress.epoch, best, test, progress.stopped_early)
 
 
 class _Log:
@@ -496,8 +498,8 @@ class _Log:
         self.tb.close()
 
 
-def _bar(console: Console, total: int, show: bool) -> Progress:
-    return Progress(
+def _bar(console: Console, total: int, show: bool) -> rich.progress.Progress:
+    return rich.progress.Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),

@@ -1,7 +1,9 @@
 """What every router shares: argument checks, the gating functions and jitter noise.
 
-The router contract: ``(x [T, D], modality [T], sample [T]) -> Routing``. Routers never
-touch expert weights.
+The router contract: ``(x [T, D], modality [T], sample [T]) -> Routing``. Routers that
+declare ``accepts_mask`` also take ``allowed`` [T, E], the experts each token may use
+(``modalmoe.moe.masks``), and never route a token to another. Routers never touch expert
+weights and hold no per-pass state: what a pass is for arrives as an argument.
 """
 
 from __future__ import annotations
@@ -37,6 +39,15 @@ class Router(nn.Module):
     #: (expert pruning, ``modalmoe.efficiency.experts``); an empty mapping means the router's
     #: experts are tied to a structure pruning would break (e.g. modality groups).
     expert_params: dict[str, int] = {}
+
+    #: Whether ``forward`` takes ``allowed`` [T, E] (an expert mask, ``modalmoe.moe.masks``).
+    accepts_mask: bool = False
+
+    @property
+    def min_open(self) -> int:
+        """The fewest experts a token must be allowed for this router to route it (k for
+        top-k choice)."""
+        return self.k
 
     def keep_experts(self, index: Tensor) -> None:
         """Keep only experts ``index`` (in that order), in place: after this the router scores
@@ -105,6 +116,15 @@ def top_k_gating(logits: Tensor, k: int, *, gating: str = "softmax", normalize: 
     if normalize:
         weight = weight / weight.sum(-1, keepdim=True).clamp_min(torch.finfo(weight.dtype).tiny)
     return index, weight, probs
+
+
+def mask_logits(logits: Tensor, allowed: Tensor | None) -> Tensor:
+    """``logits`` [T, E] with experts a token may not use (``allowed`` False) set to -inf."""
+    if allowed is None:
+        return logits
+    if allowed.shape != logits.shape:
+        raise ValueError(f"allowed must be [T, E] = {tuple(logits.shape)}, got {tuple(allowed.shape)}")
+    return logits.masked_fill(~allowed, float("-inf"))
 
 
 def check_modality_ids(modality: Tensor, num_modalities: int) -> None:

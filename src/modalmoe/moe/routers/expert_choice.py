@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modalmoe.moe.routers import routers
-from modalmoe.moe.routers.base import Router
+from modalmoe.moe.routers.base import Router, mask_logits
 from modalmoe.moe.types import Routing
 
 
@@ -40,6 +40,7 @@ class ExpertChoiceRouter(Router):
     """
 
     expert_params = {"weight": 0}
+    accepts_mask = True
 
     def __init__(
         self,
@@ -72,14 +73,22 @@ class ExpertChoiceRouter(Router):
         """C, the tokens each expert takes out of ``num_tokens``."""
         return min(num_tokens, max(1, math.ceil(num_tokens * self.experts_per_token / self.num_experts)))
 
-    def forward(self, x: Tensor, modality: Tensor, sample: Tensor) -> Routing:
-        """x: [T, D] -> Routing with expert_index [T, E] (column e is expert e) and valid [T, E]."""
+    @property
+    def min_open(self) -> int:
+        return 1  # experts choose tokens: a token needs no fixed number of experts
+
+    def forward(self, x: Tensor, modality: Tensor, sample: Tensor, allowed: Tensor | None = None) -> Routing:
+        """x: [T, D] -> Routing with expert_index [T, E] (column e is expert e) and valid [T, E].
+        allowed: [T, E] experts each token may use (None: all); an expert never takes a token
+        that may not use it, even when fewer than C may."""
         num_tokens = x.shape[0]
-        logits = x @ self.weight.t()
+        logits = mask_logits(x @ self.weight.t(), allowed)
         probs = F.softmax(logits, dim=-1)
         taken = torch.zeros_like(probs, dtype=torch.bool)
         if num_tokens:
             chosen = torch.topk(probs, self.capacity(num_tokens), dim=0).indices  # [C, E]
             taken.scatter_(0, chosen, True)
+            if allowed is not None:
+                taken &= allowed
         index = torch.arange(self.num_experts, device=x.device).expand(num_tokens, -1)
         return Routing(expert_index=index, weight=probs * taken, probs=probs, logits=logits, valid=taken)

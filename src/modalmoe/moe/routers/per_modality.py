@@ -11,7 +11,15 @@ import torch
 from torch import Tensor, nn
 
 from modalmoe.moe.routers import routers
-from modalmoe.moe.routers.base import Router, check_gating, check_modality_ids, jitter, laplace_logits, top_k_gating
+from modalmoe.moe.routers.base import (
+    Router,
+    check_gating,
+    check_modality_ids,
+    jitter,
+    laplace_logits,
+    mask_logits,
+    top_k_gating,
+)
 from modalmoe.moe.types import Routing
 
 
@@ -31,6 +39,7 @@ class PerModalityRouter(Router):
     """
 
     expert_params = {"weight": 1}
+    accepts_mask = True
 
     def __init__(
         self,
@@ -52,8 +61,9 @@ class PerModalityRouter(Router):
         self.weight = nn.Parameter(torch.empty(len(modalities), num_experts, dim))  # [M, E, D]
         nn.init.normal_(self.weight, std=1.0 if gating == "laplace" else 1 / math.sqrt(dim))
 
-    def forward(self, x: Tensor, modality: Tensor, sample: Tensor) -> Routing:
-        """x: [T, D]; modality: [T] ids into ``modalities``."""
+    def forward(self, x: Tensor, modality: Tensor, sample: Tensor, allowed: Tensor | None = None) -> Routing:
+        """x: [T, D]; modality: [T] ids into ``modalities``; allowed: [T, E] experts each token
+        may use (None: all)."""
         check_modality_ids(modality, len(self.modalities))
         x = jitter(x, self.jitter_eps, self.training)
         logits = x.new_empty(x.shape[0], self.num_experts)
@@ -63,5 +73,6 @@ class PerModalityRouter(Router):
             xm = x.index_select(0, rows)
             part = laplace_logits(xm, self.weight[m]) if self.gating == "laplace" else xm @ self.weight[m].t()
             logits = logits.index_copy(0, rows, part)
+        logits = mask_logits(logits, allowed)
         index, weight, probs = top_k_gating(logits, self.k, gating=self.gating, normalize=self.normalize)
         return Routing(expert_index=index, weight=weight, probs=probs, logits=logits)
