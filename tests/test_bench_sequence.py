@@ -67,8 +67,8 @@ def test_every_stage_scores_every_task_it_learned(bench):
                 assert tasks[step]["data_options"] == {"num_samples": 120, "dim": 8, **PROTOCOL.sequence[step].options}
                 assert r["config"]["model"]["moe"]["num_experts"] == 4 + step * spec.experts
                 assert r["config"]["train"]["grow"] == {
-                    "modalities": [], "task": LABELS[step], "experts": spec.experts, "freeze": spec.freeze, "ewc": spec.ewc,
-                    "fisher_samples": spec.fisher_samples or 512,
+                    "modalities": [], "task": LABELS[step], "experts": spec.experts, "freeze": spec.freeze,
+                    "ewc": spec.ewc, "fisher_samples": spec.fisher_samples or 512,
                 }  # fmt: skip
         # Freezing everything old keeps every earlier task's score exactly.
         two, three = (records[(PROTOCOL.stage_label(k, "grow"), seed)]["sequence"]["scores"] for k in (1, 2))

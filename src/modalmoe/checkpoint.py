@@ -39,6 +39,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor, nn
 
+from modalmoe.config import ExperimentConfig
 from modalmoe.io import atomic_path
 
 FORMAT = "modalmoe-checkpoint/1"
@@ -258,8 +259,6 @@ def check_config(
 def _with_defaults(saved: dict) -> dict:
     """The saved experiment config with the keys it lacks filled with their defaults (as it
     was, when it does not validate as a current config)."""
-    from modalmoe.config import ExperimentConfig
-
     try:
         return ExperimentConfig.model_validate(saved).model_dump(mode="json")
     except Exception:  # another version's config: compare it as it is, key by key

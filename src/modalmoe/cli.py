@@ -16,22 +16,44 @@ from __future__ import annotations
 
 import json
 import platform
+import shlex
 import sys
 import traceback
 from pathlib import Path
 
 import click
 import torch
+import yaml
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
 import modalmoe
+from modalmoe.bench.store import ResultsStore
+from modalmoe.bench.suites import load_suite
+from modalmoe.checkpoint import CheckpointError
 from modalmoe.commands import data as data_cli
 from modalmoe.commands import presets as model_cli
-from modalmoe.config import ConfigError
+from modalmoe.config import ConfigError, load_config
+from modalmoe.data.formats import DataFormatError
+from modalmoe.data.tasks import tasks
+from modalmoe.efficiency.profile import profile_model
+from modalmoe.encoders import encoders
+from modalmoe.io import DamagedFile, atomic_write_text
+from modalmoe.lock import DirectoryInUse
+from modalmoe.model.fusion import fusions
+from modalmoe.model.multimodal import build_model
+from modalmoe.model.presets import design_names, get_preset, task_files
 from modalmoe.moe import grouped_gemm, routers
+from modalmoe.moe.communication import communications
+from modalmoe.objectives import objectives
+from modalmoe.registry import UnknownName, UnknownOption
 from modalmoe.run import experiment_task, load_run_model, read_run_config
 from modalmoe.runtime import allocator_name, tune_allocator
+
+# Commands whose modules import ``modalmoe.evaluate`` (torchmetrics, which imports transformers:
+# about 2 s, more than half of ``modalmoe --help``) import them when they run: the local imports
+# marked "pulls torchmetrics" below.
 
 console = Console()
 
@@ -41,17 +63,15 @@ class NonFiniteOutputs(RuntimeError):
 
 
 # Errors that mean "what you asked for cannot be done as asked" (exit 2).
-USAGE_ERRORS: tuple[type[Exception], ...] = (ConfigError,)
-
-
-def _usage_errors() -> tuple[type[Exception], ...]:
-    from modalmoe.checkpoint import CheckpointError
-    from modalmoe.data.formats import DataFormatError
-    from modalmoe.io import DamagedFile
-    from modalmoe.lock import DirectoryInUse
-    from modalmoe.registry import UnknownName, UnknownOption
-
-    return (*USAGE_ERRORS, CheckpointError, DataFormatError, DirectoryInUse, DamagedFile, UnknownName, UnknownOption)
+USAGE_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError,
+    CheckpointError,
+    DataFormatError,
+    DirectoryInUse,
+    DamagedFile,
+    UnknownName,
+    UnknownOption,
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -73,13 +93,6 @@ def cli(ctx: click.Context, allocator: str, debug: bool) -> None:
 
 @cli.command(help="Versions, threads, kernels and every registered component.")
 def info() -> int:
-    from modalmoe.data.tasks import tasks
-    from modalmoe.encoders import encoders
-    from modalmoe.model.fusion import fusions
-    from modalmoe.model.presets import design_names, task_files
-    from modalmoe.moe.communication import communications
-    from modalmoe.objectives import objectives
-
     rows = {
         "modalmoe": modalmoe.__version__,
         "python": platform.python_version(),
@@ -105,9 +118,6 @@ def info() -> int:
 
 def _experiment(source: str, overrides: tuple[str, ...]):
     """A preset name, a YAML file, or a run directory -> ``ExperimentConfig``."""
-    from modalmoe.config import load_config
-    from modalmoe.model.presets import get_preset
-
     path = Path(source)
     if path.is_dir() and (path / "config.yaml").is_file():
         return load_config(path / "config.yaml", overrides=overrides)
@@ -172,8 +182,8 @@ def train(
     freeze: str | None,
     ewc: float | None,
 ) -> int:
-    from modalmoe.lifelong import growth_callbacks
-    from modalmoe.train import Trainer
+    from modalmoe.lifelong import growth_callbacks  # local import: pulls torchmetrics (see the top)
+    from modalmoe.train import Trainer  # local import: pulls torchmetrics (see the top)
 
     task_flags = {"--task": new_task, "--task-option": task_options or None, "--previous": previous}
     given = [flag for flag, value in task_flags.items() if value is not None]
@@ -211,8 +221,6 @@ def train(
 
 def _task_options(pairs: tuple[str, ...]) -> dict | None:
     """``--task-option KEY=VALUE`` pairs -> options (values read as YAML: ``seed=2`` is an int)."""
-    import yaml
-
     if not pairs:
         return None
     out = {}
@@ -242,11 +250,11 @@ def _grown_experiment(config, run_dir, modality, task_label, task, grow, overrid
         experts = read_run_config(run_dir).model.moe.k if Path(run_dir, "config.yaml").is_file() else 0
     options = {"experts": experts, "freeze": grow["freeze"] or "experts", "ewc": grow["ewc"] or 0.0}
     if modality is not None:
-        from modalmoe.lifelong.grow import continue_run
+        from modalmoe.lifelong.grow import continue_run  # local import: pulls torchmetrics (see the top)
 
         experiment = continue_run(run_dir, add_modalities=[modality], overrides=overrides, **options)
         return experiment, out or f"{str(run_dir).rstrip('/')}+{modality}"
-    from modalmoe.lifelong.tasks import continue_task
+    from modalmoe.lifelong.tasks import continue_task  # local import: pulls torchmetrics (see the top)
 
     experiment = continue_task(run_dir, label=task_label, overrides=overrides, **options, **task)
     return experiment, out or f"{str(run_dir).rstrip('/')}+{task_label}"
@@ -273,9 +281,8 @@ def evaluate_command(
     task_label: str | None,
     allow_nonfinite: bool,
 ) -> int:
-    from modalmoe.evaluate.runner import evaluate
-    from modalmoe.io import atomic_write_text
-    from modalmoe.lifelong.tasks import task_data
+    from modalmoe.evaluate.runner import evaluate  # local import: pulls torchmetrics (see the top)
+    from modalmoe.lifelong.tasks import task_data  # local import: pulls torchmetrics (see the top)
 
     levels = _levels(noise)
     config = read_run_config(run_dir)
@@ -323,11 +330,10 @@ def _levels(text: str) -> list[int]:
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None, help="default RUN_DIR/report.html")
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best")
 def analyze(run_dir: str, split: str, out_path: str | None, checkpoint: str) -> int:
-    from modalmoe.analysis.report import write_report
+    from modalmoe.analysis.report import write_report  # local import: pulls torchmetrics (see the top)
+    from modalmoe.bench.routing_index import write_bench_index  # local import: pulls torchmetrics (see the top)
 
     if (Path(run_dir) / "results.jsonl").exists():  # a bench directory
-        from modalmoe.bench.routing_index import write_bench_index
-
         path = write_bench_index(run_dir, console=console)
         console.print(f"index -> {path}")
         return 0
@@ -344,12 +350,6 @@ def analyze(run_dir: str, split: str, out_path: str | None, checkpoint: str) -> 
 @click.option("--repeats", type=int, default=20, show_default=True, help="timed passes for latency")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="also write the numbers here")
 def profile(source: str, overrides: tuple[str, ...], repeats: int, json_path: str | None) -> int:
-    from rich.table import Table
-
-    from modalmoe.efficiency.profile import profile_model
-    from modalmoe.io import atomic_write_text
-    from modalmoe.model.multimodal import build_model
-
     path = Path(source)
     if path.is_dir() and (path / "config.yaml").is_file():
         model = load_run_model(path)
@@ -422,7 +422,7 @@ def compress(
     placement: str,
     checkpoint: str,
 ) -> int:
-    from modalmoe.efficiency.compress import compress_run, parse_keep, parse_layers
+    from modalmoe.efficiency.compress import compress_run, parse_keep, parse_layers  # local import: pulls torchmetrics
 
     if method in ("prune-experts", "merge-experts") and experts is None:
         raise click.UsageError(f"--method {method} needs --experts N (experts left per MoE layer)")
@@ -458,7 +458,7 @@ def compress(
 def predict(
     run_dir: str, source: str, split: str, modalities: str | None, out_path: str | None, allow_nonfinite: bool
 ) -> int:
-    from modalmoe.train.predict import predict_to_file
+    from modalmoe.train.predict import predict_to_file  # local import: pulls torchmetrics (see the top)
 
     rows, bad = predict_to_file(
         run_dir,
@@ -491,10 +491,7 @@ def predict(
 def bench(ctx: click.Context, suite: str, out: str | None, resume: bool, jobs: int, overrides: tuple[str, ...]) -> int:
     if ctx.invoked_subcommand is not None:
         return 0
-    import shlex
-
-    from modalmoe.bench.runner import BenchInterrupted, run_bench
-    from modalmoe.bench.suites import load_suite
+    from modalmoe.bench.runner import BenchInterrupted, run_bench  # local import: pulls torchmetrics (see the top)
 
     if jobs < 1:
         raise click.BadParameter("--jobs must be >= 1", param_hint="--jobs")
@@ -516,10 +513,7 @@ def bench(ctx: click.Context, suite: str, out: str | None, resume: bool, jobs: i
 @click.argument("dir_a", type=click.Path(exists=True, file_okay=False))
 @click.argument("dir_b", type=click.Path(exists=True, file_okay=False))
 def bench_compare(dir_a: str, dir_b: str) -> int:
-    from rich.table import Table
-
-    from modalmoe.bench.leaderboard import compare
-    from modalmoe.bench.store import ResultsStore
+    from modalmoe.bench.leaderboard import compare  # local import: pulls torchmetrics (see the top)
 
     rows = compare(ResultsStore(dir_a).records(), ResultsStore(dir_b).records())
     table = Table(title=f"{dir_a} -> {dir_b}", title_justify="left")
@@ -556,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print("aborted")
         return 1
     except Exception as err:  # one clear line; the traceback only on request
-        usage = isinstance(err, _usage_errors())
+        usage = isinstance(err, USAGE_ERRORS)
         if debug:
             traceback.print_exc()
         message = str(err).strip() or type(err).__name__

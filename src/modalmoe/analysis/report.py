@@ -22,7 +22,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import torch
+from jinja2 import Environment, FileSystemLoader
+from matplotlib.colors import ListedColormap
 from torch import Tensor
 
 from modalmoe.analysis.routing import (
@@ -37,7 +40,9 @@ from modalmoe.analysis.routing import (
     specialisation,
     tokens_per_expert,
 )
-from modalmoe.io import read_jsonl
+from modalmoe.config import ConfigError
+from modalmoe.evaluate.robustness import modality_subsets
+from modalmoe.io import atomic_write_text, read_jsonl
 from modalmoe.moe.types import RoutingRecord
 from modalmoe.run import experiment_task, load_run_model, read_run_config
 
@@ -102,8 +107,6 @@ def _token_positions(tokens) -> Tensor:
 
 
 def _png(fig) -> str:
-    import matplotlib.pyplot as plt
-
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)
@@ -111,8 +114,6 @@ def _png(fig) -> str:
 
 
 def _heatmap(counts: Tensor, rows: str, columns: list[str], title: str) -> str:
-    import matplotlib.pyplot as plt
-
     share = counts / counts.sum(1, keepdim=True).clamp_min(1)
     fig, ax = plt.subplots(figsize=(1.2 + 0.45 * len(columns), 0.6 + 0.32 * counts.shape[0]))
     image = ax.imshow(share.numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
@@ -124,8 +125,6 @@ def _heatmap(counts: Tensor, rows: str, columns: list[str], title: str) -> str:
 
 
 def _bars(values: Tensor, title: str, ylabel: str) -> str:
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(5, 2.6))
     ax.bar(range(len(values)), values.numpy(), color="tab:blue")
     ax.set_xlabel("expert")
@@ -136,8 +135,6 @@ def _bars(values: Tensor, title: str, ylabel: str) -> str:
 
 
 def _histogram(values: Tensor, title: str) -> str:
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(5, 2.6))
     ax.hist(values.numpy(), bins=30, range=(0, 1), color="tab:purple")
     ax.set_xlabel("router entropy / log E")
@@ -147,8 +144,6 @@ def _histogram(values: Tensor, title: str) -> str:
 
 
 def _curves(run_dir: Path) -> str | None:
-    import matplotlib.pyplot as plt
-
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return None
@@ -169,9 +164,6 @@ def _curves(run_dir: Path) -> str | None:
 
 def _sample_views(model, dataset, collected: Collected, layer: int, names: list[str]) -> list[dict]:
     """Per-sample pictures for the image and sequence modalities (early fusion only)."""
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-
     positions = collected.positions[layer] if collected.positions else None
     if positions is None:
         return []
@@ -231,8 +223,6 @@ def _sample_views(model, dataset, collected: Collected, layer: int, names: list[
 
 def build_report(run_dir: str | Path, *, split: str = "test", which: str = "best") -> str:
     """The HTML of a run's routing report."""
-    from modalmoe.evaluate.robustness import modality_subsets
-
     started = time.perf_counter()
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
@@ -241,8 +231,6 @@ def build_report(run_dir: str | Path, *, split: str = "test", which: str = "best
     dataset = task.splits[split]
     names = model.modalities
     if not config.model.moe.every:
-        from modalmoe.config import ConfigError
-
         raise ConfigError(f"{str(run_dir)!r} trained a dense model ({config.name}): it has no router to report on")
     full = collect(model, dataset)
     classes = list(dataset.classes) if dataset.classes else [str(c) for c in range(int(full.labels.max()) + 1)]
@@ -300,8 +288,6 @@ def build_report(run_dir: str | Path, *, split: str = "test", which: str = "best
                     except ValueError:
                         continue
                     shifts.append({"modality": m, "kept": " + ".join(subset), "layer": i, "shift": shift})
-    from jinja2 import Environment, FileSystemLoader
-
     environment = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"), autoescape=True)
     return environment.get_template("report.html.j2").render(
         name=config.name or run_dir.name,
@@ -321,8 +307,6 @@ def build_report(run_dir: str | Path, *, split: str = "test", which: str = "best
 
 def write_report(run_dir: str | Path, out: str | Path | None = None, **kwargs) -> Path:
     """Write the report atomically (default ``RUN_DIR/report.html``)."""
-    from modalmoe.io import atomic_write_text
-
     target = Path(out) if out else Path(run_dir) / "report.html"
     atomic_write_text(target, build_report(run_dir, **kwargs))
     return target

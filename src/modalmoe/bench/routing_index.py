@@ -16,6 +16,9 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from jinja2 import Environment, FileSystemLoader
+
+from modalmoe.analysis.report import collect, write_report
 from modalmoe.analysis.routing import (
     expert_class_counts,
     expert_modality_counts,
@@ -23,13 +26,15 @@ from modalmoe.analysis.routing import (
     normalized_mutual_information,
     token_share,
 )
+from modalmoe.bench.leaderboard import leaderboards
+from modalmoe.bench.store import ResultsStore
+from modalmoe.config import ConfigError
+from modalmoe.io import atomic_write_text
 from modalmoe.run import experiment_task, load_run_model, read_run_config
 
 
 def run_statistics(run_dir: Path) -> list[dict]:
     """Per MoE layer of one run: NMI(expert; modality), NMI(expert; class), entropy, top share."""
-    from modalmoe.analysis.report import collect
-
     config = read_run_config(run_dir)
     model = load_run_model(run_dir)
     test = experiment_task(config).test
@@ -56,14 +61,6 @@ def _spread(values: list[float]) -> str:
 
 def write_bench_index(bench_dir: str | Path, *, console=None) -> Path:
     """``routing/index.html`` for a bench directory (and one report per task)."""
-    from jinja2 import Environment, FileSystemLoader
-
-    from modalmoe.analysis.report import write_report
-    from modalmoe.bench.leaderboard import leaderboards
-    from modalmoe.bench.store import ResultsStore
-    from modalmoe.config import ConfigError
-    from modalmoe.io import atomic_write_text
-
     bench_dir = Path(bench_dir)
     records = [r for r in ResultsStore(bench_dir).records() if r.get("status") == "ok" and r.get("run_dir")]
     moe = [r for r in records if r["config"]["model"]["moe"]["every"]]

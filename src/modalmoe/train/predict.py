@@ -18,15 +18,13 @@ from pathlib import Path
 
 import torch
 
-from modalmoe.data.formats import DataFormatError
+from modalmoe.data.formats import DataFormatError, load
+from modalmoe.data.tasks import load_task, tasks
 from modalmoe.io import atomic_write_text
 from modalmoe.run import load_run_model, read_run_config, read_task_info
 
 
 def _input_task(source: str, run_dir: str | Path):
-    from modalmoe.data.formats import load
-    from modalmoe.data.tasks import load_task, tasks
-
     path = Path(source)
     if path.exists():
         return load(path)
