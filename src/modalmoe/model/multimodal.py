@@ -251,9 +251,9 @@ class MultimodalModel(nn.Module):
         head, index = self.task_head(task)
         task_ids = None
         if self.tasks:  # which task each sample is for, read by experts reserved by task
-            batch_size = streams[0].x.shape[0]
-            task_ids = torch.full((batch_size,), len(self.tasks) - 1 if index is None else index, dtype=torch.long)
-            task_ids = task_ids.to(streams[0].x.device)
+            first = streams[0].x
+            current = len(self.tasks) - 1 if index is None else index
+            task_ids = torch.full((first.shape[0],), current, dtype=torch.long, device=first.device)
         fused = self.fusion(streams, task=task_ids)
         weight = fused.present.to(fused.pooled.dtype).unsqueeze(-1)
         vector = (fused.pooled * weight).sum(1) / weight.sum(1).clamp_min(1.0)
