@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modalmoe.model import Trunk
+from modalmoe.model import Trunk, TrunkShape
 from modalmoe.moe import routers
 
 
@@ -20,7 +20,7 @@ def router_kwargs(name: str) -> dict:
 def make(router: str | None, seed: int = 0) -> Trunk:
     torch.manual_seed(seed)
     moe = None if router is None else {"num_experts": 4, "router": router, **router_kwargs(router)}
-    return Trunk(dim=16, depth=2, heads=2, hidden=32, moe_every=1 if router else 0, moe=moe).eval()
+    return Trunk(TrunkShape(dim=16, depth=2, heads=2, hidden=32, moe_every=1 if router else 0, moe=moe)).eval()
 
 
 def inputs(batch: int = 3, length: int = 7, seed: int = 1):
@@ -75,10 +75,10 @@ def test_a_sample_without_tokens_is_a_clear_error():
 
 
 def test_moe_every_places_moe_blocks_and_validates():
-    trunk = Trunk(dim=16, depth=4, heads=2, hidden=32, moe_every=2, moe={"num_experts": 4})
+    trunk = Trunk(TrunkShape(dim=16, depth=4, heads=2, hidden=32, moe_every=2, moe={"num_experts": 4}))
     kinds = [type(b.ffn).__name__ for b in trunk.blocks]
     assert kinds == ["FeedForward", "MoELayer", "FeedForward", "MoELayer"]
     with pytest.raises(ValueError, match="moe_every > 0 needs moe="):
-        Trunk(dim=16, depth=2, heads=2, hidden=32, moe_every=1)
+        Trunk(TrunkShape(dim=16, depth=2, heads=2, hidden=32, moe_every=1))
     with pytest.raises(ValueError, match="multiple of heads"):
-        Trunk(dim=15, depth=1, heads=2, hidden=32)
+        Trunk(TrunkShape(dim=15, depth=1, heads=2, hidden=32))

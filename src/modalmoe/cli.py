@@ -29,6 +29,10 @@ from rich.markup import escape
 from rich.table import Table
 
 import modalmoe
+from modalmoe.analysis.report import write_report
+from modalmoe.bench.leaderboard import compare
+from modalmoe.bench.routing_index import write_bench_index
+from modalmoe.bench.runner import BenchInterrupted, run_bench
 from modalmoe.bench.store import ResultsStore
 from modalmoe.bench.suites import load_suite
 from modalmoe.checkpoint import CheckpointError
@@ -37,9 +41,14 @@ from modalmoe.commands import presets as model_cli
 from modalmoe.config import ConfigError, load_config
 from modalmoe.data.formats import DataFormatError
 from modalmoe.data.tasks import tasks
+from modalmoe.efficiency.compress import compress_run, parse_keep, parse_layers
 from modalmoe.efficiency.profile import profile_model
 from modalmoe.encoders import encoders
+from modalmoe.evaluate.runner import evaluate
 from modalmoe.io import DamagedFile, atomic_write_text
+from modalmoe.lifelong import growth_callbacks
+from modalmoe.lifelong.grow import continue_run
+from modalmoe.lifelong.tasks import continue_task, task_data
 from modalmoe.lock import DirectoryInUse
 from modalmoe.model.fusion import fusions
 from modalmoe.model.multimodal import build_model
@@ -50,10 +59,8 @@ from modalmoe.objectives import objectives
 from modalmoe.registry import UnknownName, UnknownOption
 from modalmoe.run import experiment_task, load_run_model, read_run_config
 from modalmoe.runtime import allocator_name, tune_allocator
-
-# Commands whose modules import ``modalmoe.evaluate`` (torchmetrics, which imports transformers:
-# about 2 s, more than half of ``modalmoe --help``) import them when they run: the local imports
-# marked "pulls torchmetrics" below.
+from modalmoe.train import Trainer
+from modalmoe.train.predict import predict_to_file
 
 console = Console()
 
@@ -182,8 +189,6 @@ def train(
     freeze: str | None,
     ewc: float | None,
 ) -> int:
-    from modalmoe.lifelong import growth_callbacks  # local import: pulls torchmetrics (see the top)
-    from modalmoe.train import Trainer  # local import: pulls torchmetrics (see the top)
 
     task_flags = {"--task": new_task, "--task-option": task_options or None, "--previous": previous}
     given = [flag for flag, value in task_flags.items() if value is not None]
@@ -250,11 +255,8 @@ def _grown_experiment(config, run_dir, modality, task_label, task, grow, overrid
         experts = read_run_config(run_dir).model.moe.k if Path(run_dir, "config.yaml").is_file() else 0
     options = {"experts": experts, "freeze": grow["freeze"] or "experts", "ewc": grow["ewc"] or 0.0}
     if modality is not None:
-        from modalmoe.lifelong.grow import continue_run  # local import: pulls torchmetrics (see the top)
-
         experiment = continue_run(run_dir, add_modalities=[modality], overrides=overrides, **options)
         return experiment, out or f"{str(run_dir).rstrip('/')}+{modality}"
-    from modalmoe.lifelong.tasks import continue_task  # local import: pulls torchmetrics (see the top)
 
     experiment = continue_task(run_dir, label=task_label, overrides=overrides, **options, **task)
     return experiment, out or f"{str(run_dir).rstrip('/')}+{task_label}"
@@ -281,8 +283,6 @@ def evaluate_command(
     task_label: str | None,
     allow_nonfinite: bool,
 ) -> int:
-    from modalmoe.evaluate.runner import evaluate  # local import: pulls torchmetrics (see the top)
-    from modalmoe.lifelong.tasks import task_data  # local import: pulls torchmetrics (see the top)
 
     levels = _levels(noise)
     config = read_run_config(run_dir)
@@ -330,8 +330,6 @@ def _levels(text: str) -> list[int]:
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None, help="default RUN_DIR/report.html")
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best")
 def analyze(run_dir: str, split: str, out_path: str | None, checkpoint: str) -> int:
-    from modalmoe.analysis.report import write_report  # local import: pulls torchmetrics (see the top)
-    from modalmoe.bench.routing_index import write_bench_index  # local import: pulls torchmetrics (see the top)
 
     if (Path(run_dir) / "results.jsonl").exists():  # a bench directory
         path = write_bench_index(run_dir, console=console)
@@ -422,7 +420,6 @@ def compress(
     placement: str,
     checkpoint: str,
 ) -> int:
-    from modalmoe.efficiency.compress import compress_run, parse_keep, parse_layers  # local import: pulls torchmetrics
 
     if method in ("prune-experts", "merge-experts") and experts is None:
         raise click.UsageError(f"--method {method} needs --experts N (experts left per MoE layer)")
@@ -458,7 +455,6 @@ def compress(
 def predict(
     run_dir: str, source: str, split: str, modalities: str | None, out_path: str | None, allow_nonfinite: bool
 ) -> int:
-    from modalmoe.train.predict import predict_to_file  # local import: pulls torchmetrics (see the top)
 
     rows, bad = predict_to_file(
         run_dir,
@@ -491,7 +487,6 @@ def predict(
 def bench(ctx: click.Context, suite: str, out: str | None, resume: bool, jobs: int, overrides: tuple[str, ...]) -> int:
     if ctx.invoked_subcommand is not None:
         return 0
-    from modalmoe.bench.runner import BenchInterrupted, run_bench  # local import: pulls torchmetrics (see the top)
 
     if jobs < 1:
         raise click.BadParameter("--jobs must be >= 1", param_hint="--jobs")
@@ -513,7 +508,6 @@ def bench(ctx: click.Context, suite: str, out: str | None, resume: bool, jobs: i
 @click.argument("dir_a", type=click.Path(exists=True, file_okay=False))
 @click.argument("dir_b", type=click.Path(exists=True, file_okay=False))
 def bench_compare(dir_a: str, dir_b: str) -> int:
-    from modalmoe.bench.leaderboard import compare  # local import: pulls torchmetrics (see the top)
 
     rows = compare(ResultsStore(dir_a).records(), ResultsStore(dir_b).records())
     table = Table(title=f"{dir_a} -> {dir_b}", title_justify="left")

@@ -269,7 +269,7 @@ class QuantizationConfig(_Strict):
     """Post-training quantization the model's weights have (``modalmoe.efficiency.quantize``).
 
     Set by ``modalmoe compress RUN_DIR --method int8`` (or ``quantize_int8``), not for
-    training: it tells ``build_model`` to give the model the int8 structure a quantized
+    training: it tells the run loader (``RunDir.load_model``) to give the model the int8 structure a quantized
     checkpoint loads into.
 
     Attributes:

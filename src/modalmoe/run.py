@@ -26,6 +26,7 @@ from modalmoe.io import atomic_write_text
 from modalmoe.lock import DirectoryLock
 from modalmoe.model.lora import apply_lora
 from modalmoe.model.multimodal import MultimodalModel, build_model
+from modalmoe.model.quantized import int8_structure
 
 
 def head_outputs(dataset) -> int | None:
@@ -134,8 +135,12 @@ class RunDir:
         config, info = self.config(), self.task_info()
         checkpoint = self.load_checkpoint(which)
         model = build_model(config.model, info["specs"], task_type=info["task_type"], outputs=info["outputs"])
-        if config.train.lora.rank:  # the checkpoint holds the adapted model: rebuild its adapters first
+        # The structure the checkpoint was saved from, rebuilt before its tensors are loaded.
+        if config.train.lora.rank:  # an adapted model: its adapters
             apply_lora(model, config.train.lora)
+        quantization = config.model.quantization
+        if quantization.method == "int8":  # a compressed run: its int8 layers
+            int8_structure(model, min_weight=quantization.min_weight, patch_convs=quantization.patch_convs)
         restore_module(model, checkpoint.model_state(), f"checkpoint {str(checkpoint.path)!r}")
         return model.eval()
 

@@ -22,10 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import torch
 from jinja2 import Environment, FileSystemLoader
-from matplotlib.colors import ListedColormap
 from torch import Tensor
 
 from modalmoe.analysis.routing import (
@@ -106,7 +104,19 @@ def _token_positions(tokens) -> Tensor:
 # --- figures -------------------------------------------------------------------------------------
 
 
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (no display needed)."""
+    # local import: pyplot costs ~0.5 s to import, and the CLI imports this module at startup
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _png(fig) -> str:
+    plt = pyplot()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)
@@ -114,6 +124,7 @@ def _png(fig) -> str:
 
 
 def _heatmap(counts: Tensor, rows: str, columns: list[str], title: str) -> str:
+    plt = pyplot()
     share = counts / counts.sum(1, keepdim=True).clamp_min(1)
     fig, ax = plt.subplots(figsize=(1.2 + 0.45 * len(columns), 0.6 + 0.32 * counts.shape[0]))
     image = ax.imshow(share.numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
@@ -125,6 +136,7 @@ def _heatmap(counts: Tensor, rows: str, columns: list[str], title: str) -> str:
 
 
 def _bars(values: Tensor, title: str, ylabel: str) -> str:
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 2.6))
     ax.bar(range(len(values)), values.numpy(), color="tab:blue")
     ax.set_xlabel("expert")
@@ -135,6 +147,7 @@ def _bars(values: Tensor, title: str, ylabel: str) -> str:
 
 
 def _histogram(values: Tensor, title: str) -> str:
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 2.6))
     ax.hist(values.numpy(), bins=30, range=(0, 1), color="tab:purple")
     ax.set_xlabel("router entropy / log E")
@@ -144,6 +157,7 @@ def _histogram(values: Tensor, title: str) -> str:
 
 
 def _curves(run_dir: Path) -> str | None:
+    plt = pyplot()
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return None
@@ -164,6 +178,9 @@ def _curves(run_dir: Path) -> str | None:
 
 def _sample_views(model, dataset, collected: Collected, layer: int, names: list[str]) -> list[dict]:
     """Per-sample pictures for the image and sequence modalities (early fusion only)."""
+    plt = pyplot()
+    from matplotlib.colors import ListedColormap  # local import: see pyplot()
+
     positions = collected.positions[layer] if collected.positions else None
     if positions is None:
         return []

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from modalmoe.analysis.report import pyplot
 from modalmoe.bench.cells import in_suite_order
 from modalmoe.bench.stats import holm, paired_test, significance, summarize
 from modalmoe.bench.store import Record, ResultsStore
@@ -217,11 +218,7 @@ def print_boards(boards: dict, console: Console) -> None:
 def pareto_plots(boards: dict, out: Path) -> list[Path]:
     """PNG per task: the metric against active FLOPs and against batch-1 latency, with the
     Pareto front (no other design is both cheaper and better) drawn as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     paths = []
     for task, (metric, rows) in boards.items():
         points = [r for r in rows if r.cost.get("flops") is not None]

@@ -5,6 +5,10 @@
 
 Every function takes raw model outputs (logits, not probabilities) and returns plain Python
 floats, so results go straight to JSON. An empty input is an error, not a silent 0.
+
+torchmetrics is imported by the functions that use it, on first call: importing it imports
+transformers and scipy (about 3 s), which every command of the CLI would otherwise pay at
+startup, since the CLI's modules all reach this one.
 """
 
 from __future__ import annotations
@@ -12,16 +16,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics.functional.classification import (
-    multiclass_accuracy,
-    multiclass_auroc,
-    multiclass_calibration_error,
-    multiclass_f1_score,
-    multilabel_accuracy,
-    multilabel_auroc,
-    multilabel_f1_score,
-)
-from torchmetrics.functional.regression import mean_absolute_error, mean_squared_error, r2_score
 
 KINDS = ("classification", "multilabel", "regression")
 
@@ -75,6 +69,14 @@ def classification_metrics(logits: Tensor, target: Tensor) -> dict[str, float]:
     _check(logits, target)
     if logits.dim() != 2 or target.shape != logits.shape[:1]:
         raise ValueError(f"expected logits [N, C] and target [N], got {tuple(logits.shape)} and {tuple(target.shape)}")
+    # local import: torchmetrics costs ~3 s to import (see the top)
+    from torchmetrics.functional.classification import (
+        multiclass_accuracy,
+        multiclass_auroc,
+        multiclass_calibration_error,
+        multiclass_f1_score,
+    )
+
     logits, target = logits.detach().float().cpu(), target.detach().long().cpu()
     classes = logits.shape[1]
     # Probabilities, passed explicitly: torchmetrics only applies softmax when values leave [0, 1].
@@ -107,6 +109,9 @@ def multilabel_metrics(logits: Tensor, target: Tensor) -> dict[str, float]:
     _check(logits, target)
     if logits.dim() != 2 or target.shape != logits.shape:
         raise ValueError(f"expected logits and target [N, L], got {tuple(logits.shape)} and {tuple(target.shape)}")
+    # local import: torchmetrics costs ~3 s to import (see the top)
+    from torchmetrics.functional.classification import multilabel_accuracy, multilabel_auroc, multilabel_f1_score
+
     probs = logits.detach().float().cpu().sigmoid()
     target = target.detach().long().cpu()
     common = dict(num_labels=logits.shape[1])
@@ -137,6 +142,9 @@ def regression_metrics(pred: Tensor, target: Tensor) -> dict[str, float]:
             "expected pred and target of the same shape [N] or [N, C], "
             f"got {tuple(pred.shape)} and {tuple(target.shape)}"
         )
+    # local import: torchmetrics costs ~3 s to import (see the top)
+    from torchmetrics.functional.regression import mean_absolute_error, mean_squared_error, r2_score
+
     pred, target = pred.detach().float().cpu(), target.detach().float().cpu()
     return {
         "mse": _float(mean_squared_error(pred, target)),

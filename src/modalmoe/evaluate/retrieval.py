@@ -15,7 +15,6 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics.retrieval import RetrievalMAP, RetrievalRecall
 
 
 def retrieval_metrics(query: Tensor, gallery: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
@@ -33,6 +32,9 @@ def retrieval_metrics(query: Tensor, gallery: Tensor, ks: Sequence[int] = (1, 5,
     """
     if query.dim() != 2 or query.shape != gallery.shape:
         raise ValueError(f"expected query and gallery [N, E], got {tuple(query.shape)} and {tuple(gallery.shape)}")
+    # local import: torchmetrics costs ~3 s to import (``metrics.py`` says why that matters)
+    from torchmetrics.retrieval import RetrievalMAP, RetrievalRecall
+
     n = query.shape[0]
     if n == 0:
         raise ValueError("retrieval needs at least one query, got N = 0")

@@ -35,10 +35,24 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from modalmoe.config import ConfigError, EncoderConfig, ExperimentConfig, ModelConfig, TrainConfig, validate
-from modalmoe.lifelong.state import expert_dims, grow_tensor
+from modalmoe.config import (
+    ConfigError,
+    EncoderConfig,
+    ExperimentConfig,
+    ModelConfig,
+    TrainConfig,
+    apply_overrides,
+    read_yaml,
+    validate,
+)
+from modalmoe.data.tasks import load_task
+from modalmoe.lifelong.ewc import EWCPenalty
+from modalmoe.lifelong.state import expert_dims, grow_tensor, head_state, shared_expert_names
+from modalmoe.model.multimodal import build_model
+from modalmoe.model.presets import config_dir, preset_data
 from modalmoe.run import read_run_config
 from modalmoe.train.callbacks import Callback
+from modalmoe.train.init import load_matching, run_checkpoint
 
 #: Routers whose experts can grow: one score row per expert, and an expert mask (``moe.masks``).
 SUPPORTED_ROUTERS = ("token_choice",)
@@ -117,9 +131,6 @@ def grow_model_config(
 
 def _preset_encoder(config: ExperimentConfig, name: str) -> dict | None:
     """The encoder entry of modality ``name`` in the run's preset (or its task file)."""
-    from modalmoe.config import read_yaml
-    from modalmoe.model.presets import config_dir, preset_data
-
     try:
         data = preset_data(config.name)  # the full preset: get_preset trims encoders to `modalities`
     except ConfigError:
@@ -157,8 +168,6 @@ def grow_config(
         dropout: ``model.missing.dropout`` of the continued run (None: the run's).
         fisher_samples: training samples for EWC's Fisher (None: ``GrowConfig``'s default).
     """
-    from modalmoe.data.tasks import load_task
-
     if freeze not in FREEZE:
         raise GrowError(f"freeze must be one of {', '.join(FREEZE)}, got {freeze!r}")
     if config.train.lora.rank:
@@ -208,9 +217,6 @@ def continue_run(
 def continue_with(grow, run_dir: str | Path, overrides: Sequence[str], **options) -> ExperimentConfig:
     """``grow(read_run_config(run_dir), run_dir=run_dir, **options)`` once ``run_dir`` is
     checked to be a finished run, then ``--set`` style ``overrides`` on the result."""
-    from modalmoe.config import apply_overrides
-    from modalmoe.train.init import run_checkpoint
-
     run_checkpoint(run_dir)  # a clear error when run_dir is not a finished run
     grown = grow(read_run_config(run_dir), run_dir=run_dir, **options)
     if not overrides:
@@ -252,9 +258,6 @@ def grow_model(
         data: a ``MultimodalDataset`` (the training split) to fit the new encoders'
             input statistics on; None leaves them unfitted (call their ``fit`` yourself).
     """
-    from modalmoe.model.multimodal import build_model
-    from modalmoe.train.init import load_matching
-
     if model.config is None:
         raise GrowError("this model has no config (it was not built by build_model); it cannot be grown")
     if model.head is None:
@@ -318,8 +321,6 @@ def _zero_slice(dim: int, size: int):
 def freeze_old(model: nn.Module, report, mode: str) -> Growth:
     """Freeze what ``mode`` says of the tensors ``model`` took from a run (``report``: the
     ``InitReport`` of ``init_from_run(..., transform=grow_transform)``)."""
-    from modalmoe.lifelong.state import expert_dims, shared_expert_names
-
     if mode not in FREEZE:
         raise GrowError(f"freeze must be one of {', '.join(FREEZE)}, got {mode!r}")
     params = dict(model.named_parameters())
@@ -362,8 +363,6 @@ def prepare_growth(model: nn.Module, objectives: nn.Module, train: TrainConfig, 
         raise GrowError("prepare_growth needs train.grow and the init_from report of the grown model")
     growth = freeze_old(model, report, grow.freeze)
     if grow.ewc > 0:
-        from modalmoe.lifelong.ewc import EWCPenalty
-
         params = dict(model.named_parameters())
         names = [n for n in report.loaded if n in params and params[n].requires_grad]
         penalty = EWCPenalty.from_run(
@@ -379,10 +378,8 @@ def prepare_growth(model: nn.Module, objectives: nn.Module, train: TrainConfig, 
 
 def grow_transform(model: nn.Module, saved: dict[str, Any]) -> tuple[dict[str, Any], dict[str, list[int]]]:
     """``train.init.Transform`` of a grown run: the run's state as the grown ``model`` names and
-    shapes it. A new task's head is renamed (``tasks.head_state``); each per-expert tensor whose
+    shapes it. A new task's head is renamed (``state.head_state``); each per-expert tensor whose
     expert dimension grew takes the run's experts in its leading slice (``state.grow_tensor``)."""
-    from modalmoe.lifelong.tasks import head_state  # tasks.py builds on this module
-
     dims = expert_dims(model)
     saved = head_state(model, saved)  # a new task: the run's head is its own task's
     grown: dict[str, list[int]] = {}

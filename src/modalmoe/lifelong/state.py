@@ -1,6 +1,10 @@
-"""Per-expert tensors of a model's MoE layers, and how a grown one takes a run's values."""
+"""Per-expert tensors of a model's MoE layers, and how a grown one takes a run's values
+(``grow_tensor``; ``head_state`` for the head of a model that learns a new task)."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -52,4 +56,20 @@ def grow_tensor(value: Tensor, theirs: Tensor, dim: int, router: bool) -> Tensor
     out.narrow(dim, 0, old).copy_(theirs)
     if router:
         out.narrow(dim, old, new - old).copy_(theirs.mean(dim, keepdim=True).expand_as(out.narrow(dim, old, new - old)))
+    return out
+
+
+def head_state(model, saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's state dict ``saved`` as the grown ``model`` names it: when ``model`` learns a
+    new task, the run's ``head.*`` is the head of the task before it (``task_heads.<label>.*``),
+    and the new task's ``head`` starts fresh. Unchanged for other models."""
+    tasks = model.tasks
+    if len(tasks) < 2 or any(key.startswith(f"task_heads.{tasks[-2]}.") for key in saved):
+        return dict(saved)  # not a new task, or the checkpoint is this model's own (a resume)
+    out = {}
+    for key, value in saved.items():
+        if key.startswith("head."):
+            out[f"task_heads.{tasks[-2]}.{key[len('head.') :]}"] = value
+        else:
+            out[key] = value
     return out

@@ -27,8 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from modalmoe.config import ExperimentConfig, ModelConfig, TaskHeadConfig, validate
+from modalmoe.data.tasks import load_task
 from modalmoe.lifelong.grow import FREEZE, GrowError, GrowResult, check_growable, continue_with, grow_transform
+from modalmoe.model.multimodal import build_model
 from modalmoe.run import experiment_task, head_outputs
+from modalmoe.train.init import load_matching
 
 
 def grow_task_model_config(
@@ -68,22 +71,6 @@ def grow_task_model_config(
     return validate(data, ModelConfig, source=f"for the model grown by task {name!r}")
 
 
-def head_state(model, saved: Mapping[str, Any]) -> dict[str, Any]:
-    """A run's state dict ``saved`` as the grown ``model`` names it: when ``model`` learns a
-    new task, the run's ``head.*`` is the head of the task before it (``task_heads.<label>.*``),
-    and the new task's ``head`` starts fresh. Unchanged for other models."""
-    tasks = model.tasks
-    if len(tasks) < 2 or any(key.startswith(f"task_heads.{tasks[-2]}.") for key in saved):
-        return dict(saved)  # not a new task, or the checkpoint is this model's own (a resume)
-    out = {}
-    for key, value in saved.items():
-        if key.startswith("head."):
-            out[f"task_heads.{tasks[-2]}.{key[len('head.') :]}"] = value
-        else:
-            out[key] = value
-    return out
-
-
 def grow_task_model(
     model,
     name: str,
@@ -95,9 +82,6 @@ def grow_task_model(
 ) -> GrowResult:
     """A new model that learns task ``name`` (see ``MultimodalModel.add_task``), carrying
     ``model``'s trained state; ``model`` is left as it is."""
-    from modalmoe.model.multimodal import build_model
-    from modalmoe.train.init import load_matching
-
     if model.config is None:
         raise GrowError("this model has no config (it was not built by build_model); it cannot be grown")
     if model.head is None:
@@ -166,8 +150,6 @@ def grow_task_config(
         inherit_options: start from the run's task options (when the task is the same);
             False: ``task_options`` are all the new task's options.
     """
-    from modalmoe.data.tasks import load_task
-
     if freeze not in FREEZE:
         raise GrowError(f"freeze must be one of {', '.join(FREEZE)}, got {freeze!r}")
     if config.train.lora.rank:
@@ -219,8 +201,6 @@ def task_data(config: ExperimentConfig, label: str | None = None):
     """The data of task ``label`` of a run's experiment ``config`` (None: the task it trains):
     an earlier task's bundled task and options from ``model.tasks``, restricted to the run's
     modalities."""
-    from modalmoe.data.tasks import load_task
-
     names = [t.name for t in config.model.tasks]
     if label is None or (names and label == names[-1]):
         return experiment_task(config)

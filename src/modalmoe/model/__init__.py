@@ -1,6 +1,6 @@
 """The multimodal model: trunk blocks, fusion, heads, missing-modality strategies, presets."""
 
-from modalmoe.model.blocks import Block, Trunk, TrunkOutput
+from modalmoe.model.blocks import Block, Trunk, TrunkOutput, TrunkShape
 from modalmoe.model.fusion import Fusion, FusionOutput, fusions
 from modalmoe.model.heads import EmbeddingHead, Head
 from modalmoe.model.missing import MissingBank, modality_dropout
@@ -17,6 +17,7 @@ __all__ = [
     "MultimodalModel",
     "Trunk",
     "TrunkOutput",
+    "TrunkShape",
     "build_model",
     "fusions",
     "modality_dropout",

@@ -175,50 +175,49 @@ class Block(nn.Module):
         return BlockOutput(x, aux, record, block_stats if stats else None, state)
 
 
-class Trunk(nn.Module):
-    """``depth`` blocks; every ``moe_every``-th block (counting from 1) has an MoE FFN.
+@dataclass(frozen=True)
+class TrunkShape:
+    """The sizes every trunk, stack of blocks and fusion is built from.
 
     Args:
         dim, depth, heads: transformer sizes.
-        hidden: FFN width (the width of each expert in MoE blocks).
+        hidden: FFN width of the dense blocks.
         activation: "gelu" or "swiglu".
-        moe_every: 0 for a dense trunk; 1 for MoE in every block; 2 for every other block.
+        moe_every: 0 for a dense trunk; 1 for MoE in every block; 2 for every other block
+            (counting from 1).
         moe: arguments of ``build_moe_layer`` (``num_experts``, ``router``, ``k``, ...).
         dropout: see ``Block``.
         expert_hidden: each expert's width (None: ``hidden``).
+    """
+
+    dim: int
+    depth: int
+    heads: int
+    hidden: int
+    activation: str = "gelu"
+    moe_every: int = 0
+    moe: dict | None = None
+    dropout: float = 0.0
+    expert_hidden: int | None = None
+
+    def blocks(self) -> list[Block]:
+        """``depth`` new blocks; every ``moe_every``-th one has an MoE FFN."""
+        return build_blocks(self)
+
+
+class Trunk(nn.Module):
+    """``shape.depth`` blocks (``TrunkShape``) and a final norm.
+
+    Args:
+        shape: the trunk's sizes.
         reduction: token reduction (a ``TokenReducer``, such as ``model.reduction``'s
             ``TokenReduction``; None for none): fewer tokens after (or inside) chosen blocks.
     """
 
-    def __init__(
-        self,
-        *,
-        dim: int,
-        depth: int,
-        heads: int,
-        hidden: int,
-        activation: str = "gelu",
-        moe_every: int = 0,
-        moe: dict | None = None,
-        dropout: float = 0.0,
-        expert_hidden: int | None = None,
-        reduction: TokenReducer | None = None,
-    ) -> None:
+    def __init__(self, shape: TrunkShape, *, reduction: TokenReducer | None = None) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(
-            build_blocks(
-                dim=dim,
-                depth=depth,
-                heads=heads,
-                hidden=hidden,
-                activation=activation,
-                moe_every=moe_every,
-                moe=moe,
-                dropout=dropout,
-                expert_hidden=expert_hidden,
-            )
-        )
-        self.norm = nn.LayerNorm(dim)
+        self.blocks = nn.ModuleList(shape.blocks())
+        self.norm = nn.LayerNorm(shape.dim)
         self.reduction: TokenReducer | None = None
         self.set_reduction(reduction)
 
@@ -302,29 +301,19 @@ def collect(into: TrunkOutput | RoutingLog, aux: dict[str, Tensor] | None, recor
         into.aux_losses[name] = into.aux_losses[name] + value if name in into.aux_losses else value
 
 
-def build_blocks(
-    *,
-    dim: int,
-    depth: int,
-    heads: int,
-    hidden: int,
-    activation: str = "gelu",
-    moe_every: int = 0,
-    moe: dict | None = None,
-    dropout: float = 0.0,
-    expert_hidden: int | None = None,
-) -> list[Block]:
-    """``depth`` blocks; every ``moe_every``-th one (counting from 1) has an MoE FFN whose
+def build_blocks(shape: TrunkShape) -> list[Block]:
+    """``shape.depth`` blocks; every ``moe_every``-th one (counting from 1) has an MoE FFN whose
     experts are ``expert_hidden`` wide (None: ``hidden``)."""
-    if moe_every < 0:
-        raise ValueError(f"moe_every must be >= 0, got {moe_every}")
-    if moe_every and not moe:
+    if shape.moe_every < 0:
+        raise ValueError(f"moe_every must be >= 0, got {shape.moe_every}")
+    if shape.moe_every and not shape.moe:
         raise ValueError("moe_every > 0 needs moe=dict(num_experts=..., router=..., ...)")
+    dim, hidden, activation = shape.dim, shape.hidden, shape.activation
     blocks = []
-    for i in range(1, depth + 1):
-        if moe_every and i % moe_every == 0:
-            ffn = build_moe_layer(dim=dim, hidden=expert_hidden or hidden, activation=activation, **moe)
+    for i in range(1, shape.depth + 1):
+        if shape.moe_every and i % shape.moe_every == 0:
+            ffn = build_moe_layer(dim=dim, hidden=shape.expert_hidden or hidden, activation=activation, **shape.moe)
         else:
             ffn = FeedForward(dim=dim, hidden=hidden, activation=activation)
-        blocks.append(Block(dim=dim, heads=heads, ffn=ffn, dropout=dropout))
+        blocks.append(Block(dim=dim, heads=shape.heads, ffn=ffn, dropout=shape.dropout))
     return blocks

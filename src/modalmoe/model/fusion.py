@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modalmoe.encoders.base import Tokens
-from modalmoe.model.blocks import RoutingLog, Trunk, build_blocks, collect
+from modalmoe.model.blocks import RoutingLog, Trunk, TrunkShape, collect
 from modalmoe.model.reduction import SUPPORTED_FUSIONS, TokenReducer
 from modalmoe.moe.types import RoutingRecord
 from modalmoe.registry import Registry
@@ -74,17 +74,20 @@ class Fusion(nn.Module):
     """Base: ``forward(streams: list[Tokens], task=None) -> FusionOutput``; ``task``: [B] the
     task id of each sample, for MoE layers whose experts are reserved by task (None: none).
 
-    Args (shared by every fusion): dim, depth, heads, hidden, activation, moe_every, moe,
-    dropout as in ``Trunk``; ``modalities``: the names, in id order; ``reduction``: token
-    reduction for its trunks (see ``set_reduction``).
+    Args (shared by every fusion): ``modalities``: the names, in id order; ``shape``: the
+    sizes of its trunks or streams (``TrunkShape``); ``reduction``: token reduction for its
+    trunks (see ``set_reduction``). A new fusion is a subclass registered with
+    ``@fusions.register(name)`` that takes these (and its own options, which
+    ``build_model`` passes from ``config.fusion``).
     """
 
-    def __init__(self, *, modalities: Sequence[str], reduction: TokenReducer | None = None, **trunk) -> None:
+    def __init__(self, *, modalities: Sequence[str], shape: TrunkShape, reduction: TokenReducer | None = None) -> None:
         super().__init__()
         if not modalities:
             raise ValueError("a fusion needs at least one modality")
         self.modalities = tuple(modalities)
-        self.dim = trunk["dim"]
+        self.shape = shape
+        self.dim = shape.dim
         if reduction is not None:
             Fusion.set_reduction(self, reduction)  # refuses it: fusions with trunks take it there
 
@@ -102,9 +105,9 @@ class Fusion(nn.Module):
 class EarlyFusion(Fusion):
     """One trunk over the concatenated tokens of every modality; ``reduction``: see ``Trunk``."""
 
-    def __init__(self, *, modalities: Sequence[str], reduction: TokenReducer | None = None, **trunk) -> None:
-        super().__init__(modalities=modalities, **trunk)
-        self.trunk = Trunk(reduction=reduction, **trunk)
+    def __init__(self, *, modalities: Sequence[str], shape: TrunkShape, reduction: TokenReducer | None = None) -> None:
+        super().__init__(modalities=modalities, shape=shape)
+        self.trunk = Trunk(shape, reduction=reduction)
 
     def set_reduction(self, reduction: TokenReducer | None) -> None:
         self.trunk.set_reduction(reduction)
@@ -128,9 +131,9 @@ class LateFusion(Fusion):
     """A trunk per modality over its own tokens; streams never see each other. ``reduction``
     (see ``Trunk``) is handed to every trunk."""
 
-    def __init__(self, *, modalities: Sequence[str], reduction: TokenReducer | None = None, **trunk) -> None:
-        super().__init__(modalities=modalities, **trunk)
-        self.trunks = nn.ModuleList(Trunk(reduction=reduction, **trunk) for _ in modalities)
+    def __init__(self, *, modalities: Sequence[str], shape: TrunkShape, reduction: TokenReducer | None = None) -> None:
+        super().__init__(modalities=modalities, shape=shape)
+        self.trunks = nn.ModuleList(Trunk(shape, reduction=reduction) for _ in modalities)
 
     def set_reduction(self, reduction: TokenReducer | None) -> None:
         for trunk in self.trunks:
@@ -160,10 +163,10 @@ class LateFusion(Fusion):
 class _Streams(Fusion):
     """Per-modality stacks of blocks advanced layer by layer (bottleneck and cross)."""
 
-    def __init__(self, *, modalities: Sequence[str], reduction: TokenReducer | None = None, **trunk) -> None:
-        super().__init__(modalities=modalities, reduction=reduction, **trunk)
-        self.depth = trunk["depth"]
-        self.streams = nn.ModuleList(nn.ModuleList(build_blocks(**trunk)) for _ in modalities)
+    def __init__(self, *, modalities: Sequence[str], shape: TrunkShape, reduction: TokenReducer | None = None) -> None:
+        super().__init__(modalities=modalities, shape=shape, reduction=reduction)
+        self.depth = shape.depth
+        self.streams = nn.ModuleList(nn.ModuleList(shape.blocks()) for _ in modalities)
         self.norms = nn.ModuleList(nn.LayerNorm(self.dim) for _ in modalities)
 
     def finish(self, streams: list[Tokens], xs: list[Tensor], result: RoutingLog) -> FusionOutput:
@@ -181,8 +184,8 @@ class BottleneckFusion(_Streams):
         bottleneck_tokens: number of shared fusion tokens (MBT uses 4).
     """
 
-    def __init__(self, *, modalities: Sequence[str], bottleneck_tokens: int = 4, **trunk) -> None:
-        super().__init__(modalities=modalities, **trunk)
+    def __init__(self, *, modalities: Sequence[str], shape: TrunkShape, bottleneck_tokens: int = 4, **options) -> None:
+        super().__init__(modalities=modalities, shape=shape, **options)
         self.bottleneck = nn.Parameter(torch.randn(bottleneck_tokens, self.dim) * 0.02)
 
     def forward(self, streams: list[Tokens], task: Tensor | None = None) -> FusionOutput:
@@ -240,10 +243,10 @@ class CrossAttention(nn.Module):
 class CrossFusion(_Streams):
     """Per-modality streams; before each block a stream cross-attends to all other streams."""
 
-    def __init__(self, *, modalities: Sequence[str], **trunk) -> None:
-        super().__init__(modalities=modalities, **trunk)
+    def __init__(self, *, modalities: Sequence[str], shape: TrunkShape, **options) -> None:
+        super().__init__(modalities=modalities, shape=shape, **options)
         self.cross = nn.ModuleList(
-            nn.ModuleList(CrossAttention(dim=self.dim, heads=trunk["heads"]) for _ in range(self.depth))
+            nn.ModuleList(CrossAttention(dim=self.dim, heads=shape.heads) for _ in range(self.depth))
             for _ in modalities
         )
 

@@ -30,10 +30,10 @@ from torch import Tensor, nn
 from modalmoe.config import ModelConfig
 from modalmoe.data.batch import MultimodalBatch, MultimodalDataset
 from modalmoe.encoders import Encoder, Tokens, encoders, sinusoidal_positions
+from modalmoe.model.blocks import TrunkShape
 from modalmoe.model.fusion import Fusion, fusions
 from modalmoe.model.heads import EmbeddingHead, Head
 from modalmoe.model.missing import MissingBank, check_some_present, modality_dropout
-from modalmoe.model.quantized import int8_structure
 from modalmoe.model.reduction import build_token_reduction
 from modalmoe.moe.routers import routers
 from modalmoe.moe.types import RoutingRecord
@@ -341,25 +341,23 @@ def build_model(
         kind = (choice.name if choice and choice.name else None) or DEFAULT_ENCODER.get(spec.kind, spec.kind)
         built[name] = encoders.create(kind, spec=spec, dim=config.dim, **(choice.options if choice else {}))
     moe = moe_arguments(config, names)
-    trunk = dict(
+    shape = TrunkShape(
         dim=config.dim,
         depth=config.depth,
         heads=config.heads,
         hidden=config.hidden,
         activation=config.activation,
         moe_every=config.moe.every,
-        moe=moe,
-        dropout=config.dropout,
-    )
-    if moe is not None:
         # Experts get their own width; dense blocks keep the config's hidden.
-        trunk["moe"] = {k: v for k, v in moe.items() if k != "hidden"}
-        trunk["expert_hidden"] = moe["hidden"]
+        moe=None if moe is None else {k: v for k, v in moe.items() if k != "hidden"},
+        dropout=config.dropout,
+        expert_hidden=None if moe is None else moe["hidden"],
+    )
     extra = {"bottleneck_tokens": config.fusion.bottleneck_tokens} if config.fusion.name == "bottleneck" else {}
     reduction = build_token_reduction(config.token_reduction, names)
     if reduction is not None:  # early and late fusion hand it to their trunks
         extra["reduction"] = reduction
-    fusion = fusions.create(config.fusion.name, modalities=names, **trunk, **extra)
+    fusion = fusions.create(config.fusion.name, modalities=names, shape=shape, **extra)
     kind = config.head.kind or ("classification" if task_type == "classification" else "regression")
     if outputs is None:
         if kind != "regression":
@@ -385,7 +383,4 @@ def build_model(
         config=config,
         task_heads={t.name: Head(kind=t.kind, dim=config.dim, outputs=t.outputs) for t in config.tasks[:-1]},
     )
-    if config.quantization.method == "int8":  # a compressed run: its int8 layers, to load into
-        quantization = config.quantization
-        int8_structure(model, min_weight=quantization.min_weight, patch_convs=quantization.patch_convs)  # to load into
     return model

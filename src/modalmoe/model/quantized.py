@@ -40,8 +40,8 @@ so it is the kernel; nothing is silenced.
 
 Quantized models are for inference: ``Int8Linear`` and ``Int8ExpertBank`` have no gradient.
 Their int8 weights and float scales are ordinary buffers, so a quantized model saves to and
-loads from safetensors like any other (``model.quantization: int8`` in its config makes
-``build_model`` produce the same structure before the weights are loaded).
+loads from safetensors like any other (``model.quantization: int8`` in its config makes the run loader,
+``modalmoe.run.RunDir.load_model``, give a built model the same structure before the weights are loaded).
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ from modalmoe.run import (  # noqa: F401  (run-directory helpers, importable fro
     read_task_info,
 )
 from modalmoe.train.callbacks import Callback, builtin_callbacks
-from modalmoe.train.distributed import NullLog, setup_parallel, torchrun_world
+from modalmoe.train.distributed import NullLog, Parallel, setup_parallel, torchrun_world
 from modalmoe.train.init import init_from_run
 from modalmoe.train.progress import Progress
 from modalmoe.train.resume import extensions
@@ -95,6 +95,37 @@ def seed_everything(seed: int) -> None:
 def epoch_order(num_samples: int, seed: int, epoch: int) -> Tensor:
     """The training order of an epoch: a permutation that depends only on (seed, epoch)."""
     return torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+@dataclass
+class _Loop:
+    """What one ``Trainer.fit`` call trains with, built once by ``Trainer._start``."""
+
+    model: MultimodalModel
+    forward: nn.Module  # the model as the forward pass sees it (DDP-wrapped under torchrun)
+    objectives: nn.Module
+    module: nn.ModuleDict  # model and objectives: what the optimizer and checkpoints hold
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    parallel: Parallel
+    config_json: dict
+    checkpoints: Path
+    batches_per_epoch: int
+    total_steps: int
+    params: list[Tensor]
+    progress: Progress = field(default_factory=Progress)
+    log: _Log | NullLog | None = None  # NullLog on ranks other than 0
+    bar: rich.progress.Progress | None = None
+    bar_task: rich.progress.TaskID | None = None
+    terms: dict[str, float] = field(default_factory=lambda: {"loss": float("nan")})
+
+    @property
+    def last_path(self) -> Path:
+        return self.checkpoints / "last.safetensors"
+
+    @property
+    def best_path(self) -> Path:
+        return self.checkpoints / "best.safetensors"
 
 
 class Trainer:
@@ -193,10 +224,35 @@ class Trainer:
             return self._fit(resume=resume, overwrite=overwrite, main=main)
 
     def _fit(self, *, resume: bool, overwrite: bool, main: bool) -> TrainResult:
-        cfg = self.config.train
-        config_json = self.config.model_dump(mode="json")
-        last_path, best_path = self.checkpoints / "last.safetensors", self.checkpoints / "best.safetensors"
-        if main and not resume:  # rank 0 decides; torchrun stops the others if it fails
+        self._check_directory(resume=resume, overwrite=overwrite, main=main)
+        loop = self._start(resume=resume, main=main)
+        started = time.perf_counter()
+        bar = _bar(self.console, loop.total_steps, self.show_progress and loop.parallel.is_main)
+        try:
+            with bar:
+                loop.bar = bar
+                loop.bar_task = bar.add_task("train", total=loop.total_steps, completed=loop.progress.step, info="")
+                while loop.progress.epoch < self.config.train.epochs and not loop.progress.stopped_early:
+                    self._epoch(loop)
+        finally:
+            loop.log.close()
+        loop.parallel.close()
+        progress = loop.progress
+        if not loop.parallel.is_main:  # rank 0 evaluates the best checkpoint and writes the summary
+            best = progress.best_metrics or {}
+            return TrainResult(self.out, progress.step, progress.epoch, best, {}, progress.stopped_early)
+        if not loop.best_path.is_file():
+            name = self._metric_name()
+            raise TrainingError(
+                f"no validation of this run gave a finite {name}, so there is no best checkpoint; "
+                f"{self._kept()}. Lower train.lr, enable train.clip_norm, or check the inputs for NaN/Inf"
+            )
+        return self._finish(progress, time.perf_counter() - started)
+
+    def _check_directory(self, *, resume: bool, overwrite: bool, main: bool) -> None:
+        """Refuse a fresh start into an existing run (unless ``overwrite``: then clear it) and
+        a resume without a checkpoint. Rank 0 decides; torchrun stops the others if it fails."""
+        if main and not resume:
             existing = self.run.files()
             if existing and not overwrite:
                 raise CheckpointError(
@@ -204,11 +260,16 @@ class Trainer:
                     "--overwrite to start it over (its checkpoints and logs are deleted), or choose another --out"
                 )
             self.run.clear()
-        if main and resume and not last_path.is_file():
+        if main and resume and not (self.checkpoints / "last.safetensors").is_file():
             raise CheckpointError(
                 f"{str(self.out)!r} has no checkpoint to resume (checkpoints/last.safetensors: the run stopped "
                 "before its first one); start it over with --overwrite"
             )
+
+    def _start(self, *, resume: bool, main: bool) -> _Loop:
+        """Everything one ``fit`` trains with: the model, the optimizer and the schedule built,
+        the checkpoint restored on ``resume`` (or the run directory written), the log opened."""
+        cfg = self.config.train
         model, objectives = self.build()
         train = self.task.train
         # Under torchrun: shard experts, wrap in DDP (modalmoe.train.distributed); else a no-op.
@@ -217,124 +278,143 @@ class Trainer:
         module = nn.ModuleDict({"model": model, "objectives": objectives})
         optimizer = self._optimizer(module)
         batches_per_epoch = math.ceil(len(train) / cfg.batch_size)
-        steps_per_epoch = math.ceil(batches_per_epoch / cfg.accumulate)
-        total_steps = cfg.epochs * steps_per_epoch
+        total_steps = cfg.epochs * math.ceil(batches_per_epoch / cfg.accumulate)
         # Resuming with more epochs stretches the schedule from here on: the lambda is not saved.
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, warmup_cosine(total_steps, cfg.warmup, cfg.min_lr_ratio)
         )
-        progress = Progress()
+        loop = _Loop(
+            model=model,
+            forward=forward_model,
+            objectives=objectives,
+            module=module,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            parallel=parallel,
+            config_json=self.config.model_dump(mode="json"),
+            checkpoints=self.checkpoints,
+            batches_per_epoch=batches_per_epoch,
+            total_steps=total_steps,
+            params=list(module.parameters()),
+        )
         self.saved = {}
         if resume:
-            checkpoint = load_checkpoint(last_path)
-            compared, changes = extensions(checkpoint.config, config_json, source=str(last_path))
-            check_config(checkpoint, compared, sections=("task", "task_options", "model", "train"))
-            parallel.restore_training(checkpoint, module=module, optimizer=optimizer, scheduler=scheduler)
-            progress = Progress.from_dict(checkpoint.progress)
-            self.saved = {"last": progress.step}
-            if best_path.is_file():
-                self.saved["best"] = None
-            if changes:
-                progress.history.append({"step": progress.step, "changes": changes})
-                patience = self.config.train.early_stopping
-                if progress.stopped_early and patience is not None:
-                    progress.stopped_early = bool(patience.patience) and progress.bad_evals >= patience.patience
-                if main:
-                    self.run.write_config(self.config)
-                shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items())
-                self.console.print(f"extending the run: {shown}")
-            self.console.print(f"resuming {self.out} at step {progress.step} (epoch {progress.epoch})")
+            self._restore(loop, main=main)
         elif main:
             self.out.mkdir(parents=True, exist_ok=True)
             self.run.write_config(self.config)
             self.run.write_task_info(self.task)
-        log = _Log(self.out, purge_after=progress.step if resume else None, console=self.console) if main else NullLog()
+        loop.log = (
+            _Log(self.out, purge_after=loop.progress.step if resume else None, console=self.console)
+            if main
+            else NullLog()
+        )
         for callback in self.callbacks:
-            if progress.callbacks.get(callback.name):
-                callback.load_state_dict(progress.callbacks[callback.name])
-        params = [p for p in module.parameters()]
+            if loop.progress.callbacks.get(callback.name):
+                callback.load_state_dict(loop.progress.callbacks[callback.name])
+        return loop
 
-        def checkpoint_to(path: Path) -> None:
-            for callback in self.callbacks:
-                state = callback.state_dict()
-                if state is not None:
-                    progress.callbacks[callback.name] = state
-            parallel.save_checkpoint(
-                path,
-                module=module,
-                config=config_json,
-                progress=progress.to_dict(),
-                optimizer=optimizer,
-                scheduler=scheduler,
-            )
-            self.saved[path.stem] = progress.step
+    def _restore(self, loop: _Loop, *, main: bool) -> None:
+        """Resume from ``checkpoints/last.safetensors``: the training state and progress, and
+        the config changes it allows (``train.resume.extensions``) recorded in the history."""
+        last_path = loop.last_path
+        checkpoint = load_checkpoint(last_path)
+        compared, changes = extensions(checkpoint.config, loop.config_json, source=str(last_path))
+        check_config(checkpoint, compared, sections=("task", "task_options", "model", "train"))
+        loop.parallel.restore_training(
+            checkpoint, module=loop.module, optimizer=loop.optimizer, scheduler=loop.scheduler
+        )
+        progress = loop.progress = Progress.from_dict(checkpoint.progress)
+        self.saved = {"last": progress.step}
+        if loop.best_path.is_file():
+            self.saved["best"] = None
+        if changes:
+            progress.history.append({"step": progress.step, "changes": changes})
+            patience = self.config.train.early_stopping
+            if progress.stopped_early and patience is not None:
+                progress.stopped_early = bool(patience.patience) and progress.bad_evals >= patience.patience
+            if main:
+                self.run.write_config(self.config)
+            shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items())
+            self.console.print(f"extending the run: {shown}")
+        self.console.print(f"resuming {self.out} at step {progress.step} (epoch {progress.epoch})")
 
-        started = time.perf_counter()
-        terms: dict[str, float] = {"loss": float("nan")}
-        bar = _bar(self.console, total_steps, self.show_progress and parallel.is_main)
-        try:
-            with bar:
-                task_id = bar.add_task("train", total=total_steps, completed=progress.step, info="")
-                while progress.epoch < cfg.epochs and not progress.stopped_early:
-                    epoch = progress.epoch
-                    order = epoch_order(len(train), cfg.seed, epoch)
-                    module.train()
-                    micro = 0
-                    for index in range(progress.batch, batches_per_epoch):
-                        rows = order[index * cfg.batch_size : (index + 1) * cfg.batch_size]
-                        batch = train.batch(parallel.shard(rows))  # this rank's slice of the global batch
-                        # Each micro-batch's mean loss weighs by its share of its accumulation
-                        # group's samples, so a short last group is a mean over its own samples.
-                        start = index - index % cfg.accumulate
-                        group_samples = len(order[start * cfg.batch_size : (start + cfg.accumulate) * cfg.batch_size])
-                        scale = parallel.loss_scale(rows) * len(rows) / group_samples
-                        terms, records = self._backward(forward_model, objectives, batch, progress.step, scale=scale)
-                        terms = parallel.reduce_terms(terms, rows)
-                        micro += 1
-                        if micro % cfg.accumulate and index + 1 < batches_per_epoch:
-                            continue
-                        extra: dict[str, float] = {}
-                        for callback in self.callbacks:
-                            extra |= callback.before_update(model, batch)
-                        parallel.sync_gradients(module, forward_model)
-                        if cfg.clip_norm is not None:
-                            parallel.clip_grad_norm_(module, cfg.clip_norm)
-                        optimizer.step()
-                        self._check_weights(module, params, progress.step + 1)
-                        scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
-                        progress.step += 1
-                        progress.batch = index + 1
-                        record = {"step": progress.step, "epoch": epoch, "lr": scheduler.get_last_lr()[0], **terms}
-                        log.write("train", record | extra)
-                        notes = "".join(cb.after_update(progress.step, epoch, records, log) for cb in self.callbacks)
-                        bar.update(task_id, advance=1, info=f"loss {terms['loss']:.4f}{notes}")
-                        if cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0:
-                            checkpoint_to(last_path)
-                    progress.epoch, progress.batch = epoch + 1, 0
-                    if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                        metrics = parallel.broadcast(self.validate(model))  # rank 0's, so all stop alike
-                        log.write("valid", {"step": progress.step, "epoch": epoch + 1, **metrics})
-                        improved = self._early_stopping(progress, metrics)
-                        if improved:
-                            progress.best_metrics = metrics
-                            checkpoint_to(best_path)
-                        shown = f"{self._metric_name()} {metrics[self._metric_name()]:.4f}"
-                        bar.update(task_id, info=f"loss {terms['loss']:.4f} | valid {shown}")
-                    checkpoint_to(last_path)
-        finally:
-            log.close()
-        parallel.close()
-        if not parallel.is_main:  # rank 0 evaluates the best checkpoint and writes the summary
-            best = progress.best_metrics or {}
-            return TrainResult(self.out, progress.step, progress.epoch, best, {}, progress.stopped_early)
-        if not best_path.is_file():
-            name = self._metric_name()
-            raise TrainingError(
-                f"no validation of this run gave a finite {name}, so there is no best checkpoint; "
-                f"{self._kept()}. Lower train.lr, enable train.clip_norm, or check the inputs for NaN/Inf"
-            )
-        return self._finish(progress, time.perf_counter() - started)
+    def _checkpoint(self, loop: _Loop, path: Path) -> None:
+        """Save the training state (and each callback's) to ``path``."""
+        progress = loop.progress
+        for callback in self.callbacks:
+            state = callback.state_dict()
+            if state is not None:
+                progress.callbacks[callback.name] = state
+        loop.parallel.save_checkpoint(
+            path,
+            module=loop.module,
+            config=loop.config_json,
+            progress=progress.to_dict(),
+            optimizer=loop.optimizer,
+            scheduler=loop.scheduler,
+        )
+        self.saved[path.stem] = progress.step
+
+    def _epoch(self, loop: _Loop) -> None:
+        """The rest of the current epoch (all of it unless resumed mid-epoch), then its
+        evaluation when due, then the last checkpoint."""
+        cfg, progress, train = self.config.train, loop.progress, self.task.train
+        epoch = progress.epoch
+        order = epoch_order(len(train), cfg.seed, epoch)
+        loop.module.train()
+        micro = 0
+        for index in range(progress.batch, loop.batches_per_epoch):
+            rows = order[index * cfg.batch_size : (index + 1) * cfg.batch_size]
+            batch = train.batch(loop.parallel.shard(rows))  # this rank's slice of the global batch
+            # Each micro-batch's mean loss weighs by its share of its accumulation
+            # group's samples, so a short last group is a mean over its own samples.
+            start = index - index % cfg.accumulate
+            group_samples = len(order[start * cfg.batch_size : (start + cfg.accumulate) * cfg.batch_size])
+            scale = loop.parallel.loss_scale(rows) * len(rows) / group_samples
+            terms, records = self._backward(loop.forward, loop.objectives, batch, progress.step, scale=scale)
+            loop.terms = loop.parallel.reduce_terms(terms, rows)
+            micro += 1
+            if micro % cfg.accumulate and index + 1 < loop.batches_per_epoch:
+                continue
+            self._update(loop, batch, records, epoch=epoch, index=index)
+        progress.epoch, progress.batch = epoch + 1, 0
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            self._evaluate(loop, epoch + 1)
+        self._checkpoint(loop, loop.last_path)
+
+    def _update(self, loop: _Loop, batch, records: list, *, epoch: int, index: int) -> None:
+        """One optimizer step on the accumulated gradients, its log line and the callbacks."""
+        cfg, progress = self.config.train, loop.progress
+        extra: dict[str, float] = {}
+        for callback in self.callbacks:
+            extra |= callback.before_update(loop.model, batch)
+        loop.parallel.sync_gradients(loop.module, loop.forward)
+        if cfg.clip_norm is not None:
+            loop.parallel.clip_grad_norm_(loop.module, cfg.clip_norm)
+        loop.optimizer.step()
+        self._check_weights(loop.module, loop.params, progress.step + 1)
+        loop.scheduler.step()
+        loop.optimizer.zero_grad(set_to_none=True)
+        progress.step += 1
+        progress.batch = index + 1
+        record = {"step": progress.step, "epoch": epoch, "lr": loop.scheduler.get_last_lr()[0], **loop.terms}
+        loop.log.write("train", record | extra)
+        notes = "".join(cb.after_update(progress.step, epoch, records, loop.log) for cb in self.callbacks)
+        loop.bar.update(loop.bar_task, advance=1, info=f"loss {loop.terms['loss']:.4f}{notes}")
+        if cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0:
+            self._checkpoint(loop, loop.last_path)
+
+    def _evaluate(self, loop: _Loop, epochs: int) -> None:
+        """Validate, log it, and keep the best checkpoint when this is the best so far."""
+        progress = loop.progress
+        metrics = loop.parallel.broadcast(self.validate(loop.model))  # rank 0's, so all stop alike
+        loop.log.write("valid", {"step": progress.step, "epoch": epochs, **metrics})
+        if self._early_stopping(progress, metrics):
+            progress.best_metrics = metrics
+            self._checkpoint(loop, loop.best_path)
+        shown = f"{self._metric_name()} {metrics[self._metric_name()]:.4f}"
+        loop.bar.update(loop.bar_task, info=f"loss {loop.terms['loss']:.4f} | valid {shown}")
 
     def _kept(self) -> str:
         """What this run has on disk, for messages when training stops."""
