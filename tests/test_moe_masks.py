@@ -118,7 +118,7 @@ def test_a_version_1_config_is_migrated_on_load():
         },
     }
     config = ExperimentConfig.model_validate(old)
-    assert config.version == CONFIG_VERSION == 2
+    assert config.version == CONFIG_VERSION
     assert config.model.moe.reserved.modalities == {"m2": [4]} and config.model.moe.reserved.tasks == {"t2": [5]}
     assert config.model.moe.router_options == {}
     assert old["model"]["moe"]["router_options"]["reserved"] == {"m2": [4]}  # the input is not changed
@@ -127,5 +127,5 @@ def test_a_version_1_config_is_migrated_on_load():
     # A current config passes through unchanged, and its dump round-trips.
     assert ExperimentConfig.model_validate(config.model_dump(mode="json")) == config
     assert migrate(config.model_dump(mode="json")) == config.model_dump(mode="json")
-    with pytest.raises(Exception, match="newer than this modalmoe's 2; upgrade"):
-        validate({"task": "tiny", "version": 3})
+    with pytest.raises(Exception, match=f"newer than this modalmoe's {CONFIG_VERSION}; upgrade"):
+        validate({"task": "tiny", "version": CONFIG_VERSION + 1})

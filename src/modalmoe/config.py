@@ -145,12 +145,14 @@ class FusionConfig(_Strict):
     """How modality streams meet (``modalmoe.model.fusion``).
 
     Attributes:
-        name: ``early``, ``late``, ``bottleneck`` or ``cross``.
-        bottleneck_tokens: fusion tokens shared between streams (``bottleneck``).
+        name: a registered fusion (``early``, ``late``, ``bottleneck``, ``cross``, or one you
+            register with ``@fusions.register``); checked when the model is built.
+        options: the fusion's own arguments (``bottleneck``: ``bottleneck_tokens``, the fusion
+            tokens shared between streams, 4 by default as in MBT).
     """
 
-    name: Literal["early", "late", "bottleneck", "cross"] = "early"
-    bottleneck_tokens: int = Field(4, ge=1)
+    name: str = "early"
+    options: dict[str, Any] = Field(default_factory=dict)
 
 
 class MissingConfig(_Strict):
@@ -576,7 +578,7 @@ class DistributedConfig(_Strict):
 #: runs and checkpoints load and compare as current configs. Add a step to ``MIGRATIONS``
 #: only when a key moves or changes meaning; a new key with a default needs none (a missing
 #: key takes its default on load).
-CONFIG_VERSION = 2
+CONFIG_VERSION = 3
 
 
 def _v1_to_v2(data: dict) -> dict:
@@ -601,7 +603,19 @@ def _v1_to_v2(data: dict) -> dict:
     return data
 
 
-MIGRATIONS = {1: _v1_to_v2}  # version v -> the step from v to v + 1
+def _v2_to_v3(data: dict) -> dict:
+    """``model.fusion.bottleneck_tokens`` became the bottleneck fusion's option
+    (``model.fusion.options``), so that any registered fusion takes its own options."""
+    fusion = (data.get("model") or {}).get("fusion")
+    if not isinstance(fusion, dict) or "bottleneck_tokens" not in fusion:
+        return data
+    tokens = fusion.pop("bottleneck_tokens")
+    if fusion.get("name") == "bottleneck":
+        fusion["options"] = {"bottleneck_tokens": tokens, **(fusion.get("options") or {})}
+    return data
+
+
+MIGRATIONS = {1: _v1_to_v2, 2: _v2_to_v3}  # version v -> the step from v to v + 1
 
 
 def migrate(data: Mapping) -> dict:

@@ -184,8 +184,17 @@ class BottleneckFusion(_Streams):
         bottleneck_tokens: number of shared fusion tokens (MBT uses 4).
     """
 
-    def __init__(self, *, modalities: Sequence[str], shape: TrunkShape, bottleneck_tokens: int = 4, **options) -> None:
-        super().__init__(modalities=modalities, shape=shape, **options)
+    def __init__(
+        self,
+        *,
+        modalities: Sequence[str],
+        shape: TrunkShape,
+        bottleneck_tokens: int = 4,
+        reduction: TokenReducer | None = None,
+    ) -> None:
+        if bottleneck_tokens < 1:
+            raise ValueError(f"bottleneck_tokens must be >= 1, got {bottleneck_tokens}")
+        super().__init__(modalities=modalities, shape=shape, reduction=reduction)
         self.bottleneck = nn.Parameter(torch.randn(bottleneck_tokens, self.dim) * 0.02)
 
     def forward(self, streams: list[Tokens], task: Tensor | None = None) -> FusionOutput:
@@ -243,8 +252,8 @@ class CrossAttention(nn.Module):
 class CrossFusion(_Streams):
     """Per-modality streams; before each block a stream cross-attends to all other streams."""
 
-    def __init__(self, *, modalities: Sequence[str], shape: TrunkShape, **options) -> None:
-        super().__init__(modalities=modalities, shape=shape, **options)
+    def __init__(self, *, modalities: Sequence[str], shape: TrunkShape, reduction: TokenReducer | None = None) -> None:
+        super().__init__(modalities=modalities, shape=shape, reduction=reduction)
         self.cross = nn.ModuleList(
             nn.ModuleList(CrossAttention(dim=self.dim, heads=shape.heads) for _ in range(self.depth))
             for _ in modalities

@@ -353,7 +353,7 @@ def build_model(
         dropout=config.dropout,
         expert_hidden=None if moe is None else moe["hidden"],
     )
-    extra = {"bottleneck_tokens": config.fusion.bottleneck_tokens} if config.fusion.name == "bottleneck" else {}
+    extra = dict(config.fusion.options)
     reduction = build_token_reduction(config.token_reduction, names)
     if reduction is not None:  # early and late fusion hand it to their trunks
         extra["reduction"] = reduction
