@@ -52,17 +52,26 @@ from modalmoe.lifelong.tasks import continue_task, task_data
 from modalmoe.lock import DirectoryInUse
 from modalmoe.model.fusion import fusions
 from modalmoe.model.multimodal import build_model
-from modalmoe.model.presets import design_names, get_preset, task_files
+from modalmoe.model.presets import design_names, get_preset, is_generic, task_files
 from modalmoe.moe import grouped_gemm, routers
 from modalmoe.moe.communication import communications
 from modalmoe.objectives import objectives
 from modalmoe.registry import UnknownName, UnknownOption
-from modalmoe.run import experiment_task, load_run_model, read_run_config
+from modalmoe.run import RunDir, experiment_task, load_run_model, read_run_config
 from modalmoe.runtime import allocator_name, tune_allocator
 from modalmoe.train import Trainer
 from modalmoe.train.predict import predict_to_file
 
 console = Console()
+
+#: ``--data DIR`` of the commands that read a run's data again (eval, analyze, compress).
+run_data_option = click.option(
+    "--data",
+    "data",
+    default=None,
+    metavar="DIR",
+    help="the data to use instead of the run's recorded data (it must carry the run's modalities)",
+)
 
 
 class NonFiniteOutputs(RuntimeError):
@@ -123,14 +132,20 @@ def info() -> int:
     return 0
 
 
-def _experiment(source: str, overrides: tuple[str, ...]):
-    """A preset name, a YAML file, or a run directory -> ``ExperimentConfig``."""
+def _experiment(source: str, overrides: tuple[str, ...], data: str | None = None):
+    """A preset name, a YAML file, or a run directory -> ``ExperimentConfig``; ``data``: a data
+    directory to train on (a generic preset's encoders are sized for it)."""
     path = Path(source)
     if path.is_dir() and (path / "config.yaml").is_file():
+        if data is not None:
+            raise click.UsageError(f"{source!r} is a run directory: it trains on its own data (drop --data)")
         return load_config(path / "config.yaml", overrides=overrides)
     if path.suffix in (".yaml", ".yml") or path.is_file():
-        return load_config(path, overrides=overrides)
-    return get_preset(source, overrides=overrides)
+        extra = (f"task={json.dumps(str(Path(data).expanduser().resolve()))}",) if data is not None else ()
+        return load_config(path, overrides=(*extra, *overrides))
+    if is_generic(source) and data is None:
+        raise click.UsageError(f"{source!r} is a preset for your own data: add --data DIR (a data directory)")
+    return get_preset(source, overrides=overrides, data=data)
 
 
 @cli.command(
@@ -142,6 +157,9 @@ def _experiment(source: str, overrides: tuple[str, ...]):
 )
 @click.argument("config", required=False)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a config value (repeatable)")
+@click.option("--data", "data", default=None, metavar="DIR",
+              help="train on your own data: a data directory (manifest.yaml, or a MultiBench layout), with a "
+              "generic/<design> preset (encoders sized from the data) or a YAML config")  # fmt: skip
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="run directory (default runs/<name>)")
 @click.option("--resume", is_flag=True, help="continue the run in --out (or CONFIG's run directory) exactly; "
               "train.epochs and train.early_stopping.patience may grow (see modalmoe.train.resume)")  # fmt: skip
@@ -175,6 +193,7 @@ def _experiment(source: str, overrides: tuple[str, ...]):
 def train(
     config: str | None,
     overrides: tuple[str, ...],
+    data: str | None,
     out: str | None,
     resume: bool,
     overwrite: bool,
@@ -209,10 +228,15 @@ def train(
     elif config is None:
         raise click.UsageError("missing CONFIG (a preset, a YAML file or a run directory), or --continue-from RUN_DIR")
     else:
-        experiment = _experiment(config, overrides)
+        experiment = _experiment(config, overrides, data)
+    if data is not None and config is None:
+        raise click.UsageError("--data trains a new run: give CONFIG (e.g. generic/token-choice), not --continue-from")
     if out is None:
         source = Path(config)
-        out = str(source) if source.is_dir() else str(Path("runs") / (experiment.name or source.stem).replace("/", "-"))
+        name = (experiment.name or source.stem).replace("/", "-")
+        if data is not None:
+            name = f"{Path(data).expanduser().resolve().name}-{name}"
+        out = str(source) if source.is_dir() else str(Path("runs") / name)
     if resume and overwrite:
         raise click.UsageError("--resume continues the run, --overwrite deletes it and starts over: pass one")
     callbacks = growth_callbacks(experiment, console)  # a grown run's part (modalmoe.lifelong); else none
@@ -271,6 +295,7 @@ def _grown_experiment(config, run_dir, modality, task_label, task, grow, overrid
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="also write the report here")
 @click.option("--task", "task_label", default=None, metavar="LABEL",
               help="a run grown by --add-task: evaluate its earlier task LABEL on that task's data")  # fmt: skip
+@run_data_option
 @click.option("--allow-nonfinite", is_flag=True, help="report metrics even when some outputs are NaN or infinite "
               "(counted in 'nonfinite'); without it such an evaluation fails and writes nothing")  # fmt: skip
 def evaluate_command(
@@ -281,12 +306,13 @@ def evaluate_command(
     checkpoint: str,
     json_path: str | None,
     task_label: str | None,
+    data: str | None,
     allow_nonfinite: bool,
 ) -> int:
 
     levels = _levels(noise)
     config = read_run_config(run_dir)
-    task = task_data(config, task_label)
+    task = task_data(config, task_label, run=run_dir, data=data)
     model = load_run_model(run_dir, which=checkpoint)
     report = evaluate(
         model,
@@ -329,14 +355,15 @@ def _levels(text: str) -> list[int]:
 @click.option("--split", type=click.Choice(["test", "valid", "train"]), default="test")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None, help="default RUN_DIR/report.html")
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best")
-def analyze(run_dir: str, split: str, out_path: str | None, checkpoint: str) -> int:
+@run_data_option
+def analyze(run_dir: str, split: str, out_path: str | None, checkpoint: str, data: str | None) -> int:
 
     if (Path(run_dir) / "results.jsonl").exists():  # a bench directory
         path = write_bench_index(run_dir, console=console)
         console.print(f"index -> {path}")
         return 0
     with console.status("routing the split and drawing the report"):
-        path = write_report(run_dir, out_path, split=split, which=checkpoint)
+        path = write_report(run_dir, out_path, split=split, which=checkpoint, data=data)
     console.print(f"report -> {path} ({path.stat().st_size / 2**20:.2f} MiB)")
     return 0
 
@@ -347,13 +374,16 @@ def analyze(run_dir: str, split: str, out_path: str | None, checkpoint: str) -> 
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a preset's config value")
 @click.option("--repeats", type=int, default=20, show_default=True, help="timed passes for latency")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="also write the numbers here")
-def profile(source: str, overrides: tuple[str, ...], repeats: int, json_path: str | None) -> int:
+@click.option("--data", "data", default=None, metavar="DIR",
+              help="a run: the data to use instead of its recorded data; a generic preset: the data it is sized "
+              "for")  # fmt: skip
+def profile(source: str, overrides: tuple[str, ...], repeats: int, json_path: str | None, data: str | None) -> int:
     path = Path(source)
     if path.is_dir() and (path / "config.yaml").is_file():
         model = load_run_model(path)
-        task = experiment_task(_experiment(source, ()))
+        task = RunDir(path).task(data)
     else:  # a preset or YAML file: built and fitted, untrained (costs do not depend on training)
-        experiment = _experiment(source, overrides)
+        experiment = _experiment(source, overrides, data)
         task = experiment_task(experiment)
         train = task.train
         torch.manual_seed(0)
@@ -408,6 +438,7 @@ def profile(source: str, overrides: tuple[str, ...], repeats: int, json_path: st
     help="tokens: between blocks, or inside a block before its FFN (ToMe)",
 )
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best")
+@run_data_option
 def compress(
     run_dir: str,
     method: str,
@@ -419,6 +450,7 @@ def compress(
     layers: str,
     placement: str,
     checkpoint: str,
+    data: str | None,
 ) -> int:
 
     if method in ("prune-experts", "merge-experts") and experts is None:
@@ -435,7 +467,7 @@ def compress(
             "placement": placement,
         }
     with console.status(f"compressing {run_dir} ({method})"):
-        summary = compress_run(run_dir, out, method, which=checkpoint, **options)
+        summary = compress_run(run_dir, out, method, which=checkpoint, data_dir=data, **options)
     before, after = summary["test_before"], summary["test"]
     shown = [k for k in ("accuracy", "macro_f1", "mse") if k in after]
     for key in shown:

@@ -643,7 +643,8 @@ class ExperimentConfig(_Strict):
             on load, see ``migrate``).
         name: the preset name (informational).
         description: one line about the design.
-        task: a bundled task name (``modalmoe data list``).
+        task: a bundled task name (``modalmoe data list``) or a data directory's path (a
+            manifest directory or a MultiBench layout; ``{path: DIR}`` also works).
         task_options: the task's own options (synthetic tasks take sizes and noise).
         modalities: train on only these modalities of the task (None: all); e.g. the
             unimodal reference a missing-modality model is compared with.
@@ -665,7 +666,15 @@ class ExperimentConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _migrate(cls, data: Any) -> Any:
-        return migrate(data) if isinstance(data, Mapping) else data
+        data = migrate(data) if isinstance(data, Mapping) else data
+        task = data.get("task") if isinstance(data, dict) else None
+        if isinstance(task, Mapping):  # task: {path: DIR, <loader options>}
+            if "path" not in task:
+                raise ValueError(f"task: a mapping names a data directory as {{path: DIR}}, got keys {sorted(task)}")
+            options = {k: v for k, v in task.items() if k != "path"}
+            data["task"] = str(task["path"])
+            data["task_options"] = {**options, **(data.get("task_options") or {})}
+        return data
 
     @model_validator(mode="after")
     def _experts_split(self) -> ExperimentConfig:

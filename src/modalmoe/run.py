@@ -21,7 +21,9 @@ from pathlib import Path
 from modalmoe.checkpoint import Checkpoint, CheckpointError, check_config, load_checkpoint, restore_module
 from modalmoe.config import ExperimentConfig, load_config, to_yaml
 from modalmoe.data.batch import ModalitySpec
-from modalmoe.data.tasks import load_task
+from modalmoe.data.formats import DataFormatError
+from modalmoe.data.formats.directory import fingerprint
+from modalmoe.data.tasks import is_bundled, load_task
 from modalmoe.io import atomic_write_text
 from modalmoe.lock import DirectoryLock
 from modalmoe.model.lora import apply_lora
@@ -37,9 +39,29 @@ def head_outputs(dataset) -> int | None:
 
 
 def experiment_task(config: ExperimentConfig):
-    """The task an experiment trains on: the bundled task, restricted to ``config.modalities``."""
+    """The task an experiment trains on: the bundled task or data directory ``config.task``,
+    restricted to ``config.modalities``."""
     task = load_task(config.task, **config.task_options)
     return task.select(config.modalities) if config.modalities else task
+
+
+def check_data_specs(run_specs: dict, data_specs: dict, source: str, *, every: bool = True) -> None:
+    """Raise ``DataFormatError`` unless the data (``data_specs``) carries the run's modalities
+    (every one, or with ``every=False`` at least one) with the kind and shape it trained on."""
+    shared = [m for m in run_specs if m in data_specs]
+    missing = [m for m in run_specs if m not in data_specs]
+    if not shared or (every and missing):
+        raise DataFormatError(
+            f"{source!r} lacks the run's modalities {missing} (the run has {list(run_specs)}, the data "
+            f"{list(data_specs)})"
+        )
+    for name in shared:
+        a, b = run_specs[name], data_specs[name]
+        if a.kind != b.kind or tuple(a.shape) != tuple(b.shape):
+            raise DataFormatError(
+                f"{source!r}: modality {name!r} is {b.kind} {tuple(b.shape)} but the run was trained on "
+                f"{a.kind} {tuple(a.shape)}"
+            )
 
 
 class RunDir:
@@ -99,6 +121,9 @@ class RunDir:
         train = task.train
         info = {
             "task": task.name,
+            # Where the data came from: a data directory's path and content hash (``RunDir.task``
+            # refuses it once changed); a bundled task's data is pinned by its sources' hashes.
+            "data": task.provenance or ({"kind": "bundled", "name": task.name} if is_bundled(task.name) else None),
             "task_type": train.task_type,
             "outputs": head_outputs(train),
             "classes": list(train.classes) if train.classes is not None else None,
@@ -120,6 +145,47 @@ class RunDir:
                 "restore it from a copy of the run, or retrain"
             ) from None
         return info
+
+    def task(self, data: str | None = None):
+        """The data the run was trained on, as it records it (``task.json``'s ``data``),
+        restricted to the run's modalities; ``data`` (a data directory or a bundled task)
+        overrides it, checked against the run's modalities.
+
+        Raises ``DataFormatError`` when the recorded data directory is gone or changed since
+        training (its content hash differs), or when the run does not record its data (trained
+        on a task built in memory, or before runs recorded their data) and ``data`` is None."""
+        config, info = self.config(), self.task_info()
+        if data is not None:
+            options = config.task_options if str(data) == config.task else {}
+            task = load_task(str(data), **options)
+            check_data_specs(info["specs"], task.specs, str(data))
+        else:
+            task = load_task(self._recorded_data(config, info), **config.task_options)
+        return task.select(list(info["specs"])) if set(task.specs) != set(info["specs"]) else task
+
+    def _recorded_data(self, config: ExperimentConfig, info: dict) -> str:
+        record = info.get("data")
+        hint = "pass --data DIR (the data to use; it must carry the run's modalities)"
+        if record is None:
+            if is_bundled(config.task) and info.get("task") == config.task:
+                return config.task  # a run written before runs recorded their data
+            raise DataFormatError(
+                f"{str(self.path)!r} does not record which data it was trained on (its task {info.get('task')!r} "
+                f"was built in memory or by an older modalmoe; its config names {config.task!r}); {hint}"
+            )
+        if record.get("kind") == "bundled":
+            return record["name"]
+        path = Path(record["path"])
+        if not path.exists():
+            raise DataFormatError(f"{str(self.path)!r} was trained on {str(path)!r}, which no longer exists; {hint}")
+        now = fingerprint(path, data_roots=config.task_options.get("data_roots", ()))
+        if now["hash"] != record["hash"]:
+            raise DataFormatError(
+                f"the data in {str(path)!r} changed since {str(self.path)!r} was trained on it (content hash "
+                f"{record['hash']} then, {now['hash']} now; {now['files']} files); "
+                f"pass --data {str(path)!r} to use it as it is now, or restore the data"
+            )
+        return str(path)
 
     # --- the model ------------------------------------------------------------------------
 

@@ -42,7 +42,7 @@ from modalmoe.config import ConfigError
 from modalmoe.evaluate.robustness import modality_subsets
 from modalmoe.io import atomic_write_text, read_jsonl
 from modalmoe.moe.types import RoutingRecord
-from modalmoe.run import experiment_task, load_run_model, read_run_config
+from modalmoe.run import RunDir, load_run_model, read_run_config
 
 MAX_VIEWS = 6  # samples drawn in the per-sample views
 
@@ -238,13 +238,14 @@ def _sample_views(model, dataset, collected: Collected, layer: int, names: list[
 # --- the page ------------------------------------------------------------------------------------
 
 
-def build_report(run_dir: str | Path, *, split: str = "test", which: str = "best") -> str:
-    """The HTML of a run's routing report."""
+def build_report(run_dir: str | Path, *, split: str = "test", which: str = "best", data: str | None = None) -> str:
+    """The HTML of a run's routing report, on the run's recorded data (``data``: other data
+    with the run's modalities, see ``RunDir.task``)."""
     started = time.perf_counter()
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
     model = load_run_model(run_dir, which=which)
-    task = experiment_task(config)
+    task = RunDir(run_dir).task(data)
     dataset = task.splits[split]
     names = model.modalities
     if not config.model.moe.every:
@@ -309,6 +310,9 @@ def build_report(run_dir: str | Path, *, split: str = "test", which: str = "best
     return environment.get_template("report.html.j2").render(
         name=config.name or run_dir.name,
         run=str(run_dir),
+        data=task.name,
+        data_source=task.provenance["path"] if task.provenance else "bundled task",
+        split_sizes=", ".join(f"{name} {len(d)}" for name, d in task.splits.items()),
         split=split,
         samples=len(full.dataset),
         modalities=names,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from modalmoe.bench.cells import planners
 from modalmoe.bench.compute import match_compute
-from modalmoe.bench.suites import LOGREG, SuiteConfig
+from modalmoe.bench.suites import LOGREG, SuiteConfig, task_label
 from modalmoe.bench.training import (
     cell_config,
     cost_batch,
@@ -53,7 +53,7 @@ class DesignCell:
 
     @property
     def key(self) -> tuple[str, str, int]:
-        return self.task, self.label, self.seed
+        return task_label(self.task), self.label, self.seed
 
     @property
     def needs(self) -> None:
@@ -82,8 +82,13 @@ class DesignCell:
         if self.imbalance is not None:
             modality, fraction = self.imbalance
             train = imbalance(task.train, modality, fraction, seed=self.seed)
-            task = Task(name=task.name, splits={**task.splits, "train": train}, description=task.description)
-        run_dir = out / "runs" / self.task / self.label / f"s{self.seed}"
+            task = Task(
+                name=task.name,
+                splits={**task.splits, "train": train},
+                description=task.description,
+                provenance=task.provenance,
+            )
+        run_dir = out / "runs" / task_label(self.task) / self.label / f"s{self.seed}"
         result, model, train_seconds = train_run(cfg, run_dir, task)
 
         def evaluate_model(model):

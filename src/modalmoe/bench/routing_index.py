@@ -30,14 +30,13 @@ from modalmoe.bench.leaderboard import leaderboards
 from modalmoe.bench.store import ResultsStore
 from modalmoe.config import ConfigError
 from modalmoe.io import atomic_write_text
-from modalmoe.run import experiment_task, load_run_model, read_run_config
+from modalmoe.run import RunDir, load_run_model
 
 
 def run_statistics(run_dir: Path) -> list[dict]:
     """Per MoE layer of one run: NMI(expert; modality), NMI(expert; class), entropy, top share."""
-    config = read_run_config(run_dir)
     model = load_run_model(run_dir)
-    test = experiment_task(config).test
+    test = RunDir(run_dir).task().test
     collected = collect(model, test)
     classes = int(collected.labels.max()) + 1 if collected.labels.numel() else 1
     out = []

@@ -29,7 +29,7 @@ from modalmoe.bench.cells import Cell, Key, plan_cells
 from modalmoe.bench.compute import reference_budget
 from modalmoe.bench.leaderboard import write_outputs
 from modalmoe.bench.store import Record, ResultsStore, cell_key, environment
-from modalmoe.bench.suites import SuiteConfig
+from modalmoe.bench.suites import SuiteConfig, task_label
 from modalmoe.bench.training import cell_config, cost_batch, fit_sample, suite_task
 from modalmoe.checkpoint import config_differences
 from modalmoe.config import ConfigError, read_yaml, to_yaml
@@ -98,7 +98,12 @@ def _run_cell_record(cell: Cell, suite_json: dict, budget: float | None, out: st
     torch.set_num_threads(threads)
     suite = SuiteConfig.model_validate(suite_json)
     started = time.perf_counter()
-    record: Record = {"task": cell.task, "design": cell.label, "seed": cell.seed, "base_design": cell.design}
+    record: Record = {
+        "task": task_label(cell.task),
+        "design": cell.label,
+        "seed": cell.seed,
+        "base_design": cell.design,
+    }
     try:
         record.update(cell.run(suite, Path(out), budget))
         record["status"] = "ok"

@@ -280,8 +280,12 @@ class SuiteConfig(_Strict):
             )
         known_tasks, known_designs = task_files(), [*design_names(), LOGREG]
         lifelong_tasks = [p.task for p in [*self.lifelong, *self.sequences]]
+        data_dirs = [t for t in self.tasks if t not in known_tasks and Path(t).expanduser().is_dir()]
+        labels = [task_label(t) for t in self.tasks]
+        if len(set(labels)) < len(labels):
+            raise ValueError(f"tasks {self.tasks} share a name ({labels}); rename a data directory")
         for what, names, known in (
-            ("task", [*self.tasks, *lifelong_tasks], known_tasks),
+            ("task", [*[t for t in self.tasks if t not in data_dirs], *lifelong_tasks], known_tasks),
             ("design", [*self.designs, *(p.design for p in [*self.lifelong, *self.sequences])], known_designs),
         ):
             unknown = [n for n in names if n not in known]
@@ -314,6 +318,12 @@ class SuiteConfig(_Strict):
                 "not to lifelong protocols)"
             )
         return self
+
+
+def task_label(task: str) -> str:
+    """A suite task's name in run directories and tables: a preset task file's name, or a data
+    directory's own name (its last path component)."""
+    return task if task in task_files() else Path(task).expanduser().resolve().name
 
 
 def suite_names() -> list[str]:

@@ -17,14 +17,17 @@ from modalmoe.data.batch import Task
 from modalmoe.efficiency.profile import profile_model
 from modalmoe.evaluate.runner import evaluate
 from modalmoe.lifelong import growth_callbacks
-from modalmoe.model.presets import get_preset
+from modalmoe.model.presets import get_preset, task_files
 from modalmoe.train import Trainer, load_run_model
 from modalmoe.train.trainer import experiment_task
 
 
 def cell_config(suite: SuiteConfig, task: str, design: str, seed: int):
-    """``<task>/<design>`` with the suite's and the task's overrides and ``train.seed``."""
+    """``<task>/<design>`` with the suite's and the task's overrides and ``train.seed``; for a
+    data directory, ``generic/<design>`` sized for its data."""
     overrides = [*suite.overrides, *suite.task_overrides.get(task, []), f"train.seed={seed}"]
+    if task not in task_files():
+        return get_preset(f"generic/{design}", overrides=overrides, data=task)
     return get_preset(f"{task}/{design}", overrides=overrides)
 
 
@@ -40,7 +43,7 @@ def suite_task(suite: SuiteConfig, task_file: str):
             order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:limit]
             data = data.subset(order.sort().values)
         splits[name] = data
-    return Task(name=task.name, splits=splits, description=task.description)
+    return Task(name=task.name, splits=splits, description=task.description, provenance=task.provenance)
 
 
 def fit_sample(train, size: int = 512):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from modalmoe.bench.suites import CompressConfig, SuiteConfig
+from modalmoe.bench.suites import CompressConfig, SuiteConfig, task_label
 from modalmoe.bench.training import cell_config, cost_fields, train_run
 from modalmoe.config import ExperimentConfig, apply_overrides, validate
 from modalmoe.efficiency.compress import compress_model
@@ -73,7 +73,7 @@ def run_variants(
             continue
         started = time.perf_counter()
         record = {
-            "task": cell.task,
+            "task": task_label(cell.task),
             "design": f"{cell.label}+{spec.label}",
             "seed": cell.seed,
             "base_design": cell.design,
@@ -82,7 +82,7 @@ def run_variants(
         train_seconds, extra = 0.0, {}
         if spec.method == "distill":
             student = _student(spec, suite, cell.task, cell.seed, run_dir)
-            student_dir = out / "runs" / cell.task / record["design"] / f"s{cell.seed}"
+            student_dir = out / "runs" / task_label(cell.task) / record["design"] / f"s{cell.seed}"
             result, model, train_seconds = train_run(student, student_dir, task)
             extra = {"run_dir": str(student_dir.relative_to(out)), "epochs": result.epochs, "steps": result.steps}
             variant_config = student

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import click
@@ -12,7 +13,7 @@ from rich.table import Table
 
 from modalmoe.data.describe import linear_baselines, summary
 from modalmoe.data.sources import FetchError, cache_dir, is_cached
-from modalmoe.data.tasks import load_task, tasks
+from modalmoe.data.tasks import is_bundled, load_task, tasks
 
 console = Console()
 
@@ -40,7 +41,11 @@ def list_command(cache_dir, wheelhouse) -> int:
     return cmd_list(SimpleNamespace(cache_dir=cache_dir, wheelhouse=wheelhouse))
 
 
-@data.command("describe", help="Sizes, shapes, classes, provenance and linear baselines of a task.")
+@data.command(
+    "describe",
+    help="Sizes, shapes, classes, provenance and linear baselines of a bundled task or of your own data "
+    "directory (manifest.yaml, or a MultiBench layout).",
+)
 @click.argument("task")
 @click.option("--no-baselines", is_flag=True, help="skip the logistic-regression baselines")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of tables")
@@ -110,15 +115,22 @@ def cmd_fetch(args: SimpleNamespace) -> int:
 
 
 def cmd_describe(args: SimpleNamespace) -> int:
-    if not _known(args.task):
+    if not is_bundled(args.task) and not Path(args.task).expanduser().exists():
+        _known(args.task)  # names the closest bundled tasks
+        console.print(f"  nor is {args.task!r} a data directory (no such path)")
         return 2
     try:
-        task = load_task(args.task, cache=args.cache_dir, wheelhouse=args.wheelhouse)
+        if is_bundled(args.task):
+            task = load_task(args.task, cache=args.cache_dir, wheelhouse=args.wheelhouse)
+        else:
+            task = load_task(args.task)  # a data directory: DataFormatError (exit 2) names a problem
     except FetchError as err:
         console.print(f"[red]error:[/red] {err}")
         return 1
     info = summary(task)
     info["provenance"] = task.description
+    if task.provenance is not None:
+        info["data"] = task.provenance
     if not args.no_baselines:
         with console.status("fitting logistic-regression baselines on the train split"):
             info["linear_baselines"] = linear_baselines(task)
@@ -141,6 +153,12 @@ def _known(name: str) -> bool:
 def _print_description(info: dict) -> None:
     splits = ", ".join(f"{k} {v}" for k, v in info["splits"].items())
     console.print(f"[bold]{info['name']}[/bold]  ({info['task_type']}; {splits})")
+    if "data" in info:
+        d = info["data"]
+        console.print(
+            f"data: {d['path']} ({d['layout']}; {d['files']} files, {d['bytes'] / 2**20:.2f} MiB; {d['hash']})",
+            highlight=False,
+        )
     table = Table(title="modalities")
     for column in ("modality", "kind", "shape", "present", "details"):
         table.add_column(column)

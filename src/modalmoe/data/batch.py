@@ -377,11 +377,15 @@ class Task:
         name: the registry name.
         splits: "train", "valid", "test" -> dataset.
         description: provenance, license and processing, for ``modalmoe data describe``.
+        provenance: where the data was read from, for data directories
+            (``data.formats.directory.fingerprint``: path and content hash); None for a
+            bundled task (its sources are pinned by hash) or a task built in memory.
     """
 
     name: str
     splits: dict[str, MultimodalDataset]
     description: str = ""
+    provenance: dict | None = None
 
     def select(self, modalities: Sequence[str]) -> Task:
         """The task restricted to these modalities (see ``MultimodalDataset.select``)."""
@@ -389,6 +393,7 @@ class Task:
             name=self.name,
             splits={k: v.select(modalities) for k, v in self.splits.items()},
             description=self.description,
+            provenance=self.provenance,
         )
 
     @property

@@ -30,7 +30,7 @@ from modalmoe.efficiency.quantize import MIN_WEIGHT, quantize_int8
 from modalmoe.efficiency.tokens import apply_token_reduction
 from modalmoe.evaluate.runner import evaluate
 from modalmoe.io import atomic_write_text
-from modalmoe.run import experiment_task, load_run_model, read_run_config
+from modalmoe.run import RunDir, load_run_model, read_run_config
 
 METHODS = ("int8", "prune-experts", "merge-experts", "tokens")
 
@@ -79,6 +79,7 @@ def compress_run(
     *,
     which: str = "best",
     evaluate_test: bool = True,
+    data_dir: str | None = None,
     **options,
 ) -> dict:
     """Compress the run in ``run_dir`` into a new run directory ``out``.
@@ -89,6 +90,7 @@ def compress_run(
         method, options: see ``compress_model``.
         which: the checkpoint to start from (``best`` or ``last``).
         evaluate_test: put test metrics before and after in ``summary.json``.
+        data_dir: data to use instead of the run's recorded data (``RunDir.task``).
 
     Returns:
         the summary written to ``out/summary.json``.
@@ -100,7 +102,8 @@ def compress_run(
         raise ValueError(f"unknown compression method {method!r}; choose one of {', '.join(METHODS)}")
     config = read_run_config(run_dir)
     model = load_run_model(run_dir, which=which)
-    task = experiment_task(config) if (evaluate_test or method in ("prune-experts", "merge-experts")) else None
+    needs_data = evaluate_test or method in ("prune-experts", "merge-experts")
+    task = RunDir(run_dir).task(data_dir) if needs_data else None
     before = evaluate(model, task.test).metrics if evaluate_test else None
     compressed = compress_model(model, method, data=task.valid if task is not None else None, **options)
     new_config = config.model_copy(update={"model": compressed.config, "name": f"{config.name}-{method}"})

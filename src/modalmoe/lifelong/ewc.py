@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modalmoe.objectives.base import Objective, unwrap
-from modalmoe.run import experiment_task, load_run_model, read_run_config
+from modalmoe.run import RunDir, load_run_model
 
 
 def _key(name: str) -> str:
@@ -131,7 +131,7 @@ class EWCPenalty(Objective):
 
         with torch.random.fork_rng(devices=[]):  # building the run's model draws an init: keep the RNG as it was
             model = load_run_model(run_dir)
-        task = experiment_task(read_run_config(run_dir))
+        task = RunDir(run_dir).task()
         fisher = fisher_diagonal(model, task.train, samples=samples)
         theirs = dict(model.named_parameters())
         missing = [n for n in names if n not in theirs]

@@ -30,7 +30,7 @@ from modalmoe.config import ExperimentConfig, ModelConfig, TaskHeadConfig, valid
 from modalmoe.data.tasks import load_task
 from modalmoe.lifelong.grow import FREEZE, GrowError, GrowResult, check_growable, continue_with, grow_transform
 from modalmoe.model.multimodal import build_model
-from modalmoe.run import experiment_task, head_outputs
+from modalmoe.run import RunDir, experiment_task, head_outputs
 from modalmoe.train.init import load_matching
 
 
@@ -197,13 +197,14 @@ def continue_task(run_dir: str | Path, *, label: str, overrides: Sequence[str] =
     return continue_with(grow_task_config, run_dir, overrides, label=label, **options)
 
 
-def task_data(config: ExperimentConfig, label: str | None = None):
+def task_data(config: ExperimentConfig, label: str | None = None, *, run: str | Path | None = None, data=None):
     """The data of task ``label`` of a run's experiment ``config`` (None: the task it trains):
     an earlier task's bundled task and options from ``model.tasks``, restricted to the run's
-    modalities."""
+    modalities. The task it trains is the run's recorded data (``RunDir.task``: ``data``
+    overrides it) when ``run`` is given."""
     names = [t.name for t in config.model.tasks]
     if label is None or (names and label == names[-1]):
-        return experiment_task(config)
+        return RunDir(run).task(data) if run is not None else experiment_task(config)
     if label not in names:
         known = f"its tasks are {names}" if names else "it learned one task"
         raise GrowError(f"the run has no task {label!r}: {known}")

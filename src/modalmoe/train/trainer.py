@@ -42,6 +42,7 @@ from modalmoe.evaluate.runner import predict
 from modalmoe.io import atomic_write_text, read_jsonl
 from modalmoe.model.lora import count_parameters
 from modalmoe.model.multimodal import MultimodalModel, build_model
+from modalmoe.model.presets import check_preset_fits
 from modalmoe.objectives import build_objectives
 from modalmoe.run import (  # noqa: F401  (run-directory helpers, importable from here as before)
     RunDir,
@@ -134,7 +135,8 @@ class Trainer:
     Args:
         config: the experiment (task, model, training recipe).
         out: the run directory (created; an existing run is resumed only with ``fit(resume=True)``).
-        task: an already loaded task (default: ``load_task(config.task, **config.task_options)``).
+        task: an already loaded task (default: ``load_task(config.task, **config.task_options)``,
+            a bundled task or a data directory).
         progress: show a progress bar.
         console: where to print.
     """
@@ -149,6 +151,7 @@ class Trainer:
         console: Console | None = None,
         callbacks: Sequence[Callback] = (),
     ) -> None:
+        check_preset_fits(config, task)  # a bundled task's preset is not for other data
         self.config, self.out = config, Path(out)
         self.console = console or Console()
         self.show_progress = progress

@@ -205,8 +205,8 @@ class _Layout:
 
     def sources(self, files: Path | dict[str, Path]) -> list[_Source]:
         if isinstance(files, Path):
-            return [_Source(files, self.index["train"], self.rows, self.total)]
-        return [_Source(files[s], self.index[s], {s: self.rows[s]}, len(self.rows[s])) for s in SPLITS]
+            return [_Source(files, next(iter(self.index.values())), self.rows, self.total)]
+        return [_Source(files[s], self.index[s], {s: self.rows[s]}, len(self.rows[s])) for s in self.rows]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -881,9 +881,9 @@ def _load_table_modality(
         _check_count(len(table.present), source, field, target_field)
     names = tables[0].names
     categorical = _categorical(entry.get("categorical", []), names, manifest_path, f"{where}.categorical")
-    train_table, train_rows = next(
-        (t, s.rows["train"]) for t, s in zip(tables, sources, strict=True) if "train" in s.rows
-    )
+    # New rows to predict (``rows.py``) may have no train split: their own rows then.
+    split = "train" if any("train" in s.rows for s in sources) else next(iter(sources[0].rows))
+    train_table, train_rows = next((t, s.rows[split]) for t, s in zip(tables, sources, strict=True) if split in s.rows)
     vocab = {j: _vocabulary(train_table, j, train_rows) for j, k in categorical.items() if k is None}
     parts = [_encode_table(t, categorical, vocab, source.path) for t, source in zip(tables, sources, strict=True)]
     cards = {j: (k if k is not None else len(vocab[j]) + 1) for j, k in categorical.items()}

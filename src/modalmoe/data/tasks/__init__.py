@@ -19,9 +19,10 @@ import zipfile
 from pathlib import Path
 
 from modalmoe.data.batch import Task
+from modalmoe.data.formats.directory import load_directory
 from modalmoe.data.sources import Source, cache_dir, fetch
 from modalmoe.data.store import load_task_file, save_task
-from modalmoe.registry import Registry
+from modalmoe.registry import Registry, UnknownName
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +83,32 @@ class BundledTask:
         return task
 
 
+def is_bundled(name: str) -> bool:
+    """Whether ``name`` is a bundled task's name (else it may be a data directory)."""
+    return name in tasks
+
+
 def load_task(name: str, *, cache=None, wheelhouse=None, refresh: bool = False, **options) -> Task:
-    """Load a bundled task by name (``modalmoe.data.tasks.tasks.names()`` lists them).
+    """Load a task: a bundled task by name (``modalmoe.data.tasks.tasks.names()`` lists them)
+    or a data directory by path (``modalmoe.data.formats.directory``: a manifest directory or
+    a MultiBench layout; the task then carries its ``provenance``).
 
     Args:
-        name: e.g. "av-digits".
+        name: e.g. "av-digits", or "path/to/my-data".
         cache: cache root (default ``$MODALMOE_CACHE`` or ``~/.cache/modalmoe``).
         wheelhouse: directory of pre-downloaded wheels for offline machines.
         refresh: rebuild the processed task from the raw files.
-        options: generator options, for tasks that take them (``synthetic``).
+        options: generator options, for tasks that take them (``synthetic``); a data
+            directory's loader options (``data_roots``; MultiBench's ``trust``, ...).
     """
+    if name not in tasks:
+        path = Path(name).expanduser()
+        if path.exists():
+            return load_directory(path, **options)
+        try:
+            tasks.get(name)
+        except UnknownName as err:
+            raise UnknownName(f"{err.args[0]}; nor is {name!r} a data directory (no such path)") from None
     task = tasks.create(name)
     if options and not task.sources:
         return task.load(**options)
