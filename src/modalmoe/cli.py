@@ -580,7 +580,8 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         message = str(err).strip() or type(err).__name__
-        console.print("[red]error:[/red]", escape(message), highlight=False)
+        # soft_wrap: one line however narrow the terminal (rich would break it at its width)
+        console.print("[red]error:[/red]", escape(message), highlight=False, soft_wrap=True)
         if not debug:
             console.print("(run with --debug for the traceback)", style="dim")
         return 2 if usage else 1
