@@ -22,7 +22,6 @@ from modalmoe.checkpoint import Checkpoint, CheckpointError, check_config, load_
 from modalmoe.config import ExperimentConfig, load_config, to_yaml
 from modalmoe.data.batch import ModalitySpec
 from modalmoe.data.formats import DataFormatError
-from modalmoe.data.formats.directory import fingerprint
 from modalmoe.data.tasks import is_bundled, load_task
 from modalmoe.io import atomic_write_text
 from modalmoe.lock import DirectoryLock
@@ -160,32 +159,33 @@ class RunDir:
             task = load_task(str(data), **options)
             check_data_specs(info["specs"], task.specs, str(data))
         else:
-            task = load_task(self._recorded_data(config, info), **config.task_options)
+            task = self._recorded_task(config, info)
         return task.select(list(info["specs"])) if set(task.specs) != set(info["specs"]) else task
 
-    def _recorded_data(self, config: ExperimentConfig, info: dict) -> str:
+    def _recorded_task(self, config: ExperimentConfig, info: dict):
         record = info.get("data")
         hint = "pass --data DIR (the data to use; it must carry the run's modalities)"
         if record is None:
             if is_bundled(config.task) and info.get("task") == config.task:
-                return config.task  # a run written before runs recorded their data
+                return load_task(config.task, **config.task_options)  # written before runs recorded their data
             raise DataFormatError(
                 f"{str(self.path)!r} does not record which data it was trained on (its task {info.get('task')!r} "
                 f"was built in memory or by an older modalmoe; its config names {config.task!r}); {hint}"
             )
         if record.get("kind") == "bundled":
-            return record["name"]
+            return load_task(record["name"], **config.task_options)
         path = Path(record["path"])
         if not path.exists():
             raise DataFormatError(f"{str(self.path)!r} was trained on {str(path)!r}, which no longer exists; {hint}")
-        now = fingerprint(path, data_roots=config.task_options.get("data_roots", ()))
+        task = load_task(str(path), **config.task_options)  # its provenance: the data's hash as it is now
+        now = task.provenance
         if now["hash"] != record["hash"]:
             raise DataFormatError(
                 f"the data in {str(path)!r} changed since {str(self.path)!r} was trained on it (content hash "
                 f"{record['hash']} then, {now['hash']} now; {now['files']} files); "
                 f"pass --data {str(path)!r} to use it as it is now, or restore the data"
             )
-        return str(path)
+        return task
 
     # --- the model ------------------------------------------------------------------------
 

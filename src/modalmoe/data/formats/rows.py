@@ -87,9 +87,7 @@ def load_rows(
     layout, assigned = _rows_layout(manifest, manifest_path, roots, modalities)
     specs, parts = {}, {}
     for name, entry in modalities.items():
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            specs[name], parts[name] = _load_modality(str(name), entry, manifest_path, layout, roots)
+        specs[name], parts[name] = _load_modality(str(name), entry, manifest_path, layout, roots)
         if (entry or {}).get("categorical") and not isinstance(entry.get("categorical"), dict):
             warnings.warn(
                 f"{manifest_path}: modalities.{name}.categorical: the categories are encoded from these rows, not "
@@ -98,8 +96,6 @@ def load_rows(
                 DataFormatWarning,
                 stacklevel=2,
             )
-        for warning in caught:
-            warnings.warn(warning.message, warning.category, stacklevel=2)
     keys = list(layout.rows)
     index = np.concatenate([layout.rows[k] for k in keys])
     split = np.concatenate([np.full(len(layout.rows[k]), k if assigned else "", dtype=object) for k in keys])
