@@ -1,4 +1,4 @@
-"""``modalmoe data list | describe | fetch``."""
+"""``modalmoe data list | describe | fetch | convert``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from modalmoe.data.convert import Converted, convert, formats
 from modalmoe.data.describe import linear_baselines, summary
 from modalmoe.data.sources import FetchError, cache_dir, is_cached
 from modalmoe.data.tasks import is_bundled, load_task, tasks
@@ -23,7 +24,7 @@ def register(group: click.Group) -> None:
     group.add_command(data)
 
 
-@click.group(help="Bundled datasets: list, describe, fetch.")
+@click.group(help="Datasets: list, describe and fetch the bundled ones; describe and convert your own.")
 def data() -> None:
     pass
 
@@ -62,6 +63,66 @@ def describe_command(task, no_baselines, as_json, cache_dir, wheelhouse) -> int:
 @_common
 def fetch_command(task, refresh, cache_dir, wheelhouse) -> int:
     return cmd_fetch(SimpleNamespace(task=task, refresh=refresh, cache_dir=cache_dir, wheelhouse=wheelhouse))
+
+
+@data.command(
+    "convert",
+    help="Convert your data into a manifest directory: a directory of .npy/.npz arrays and a labels file, "
+    "CSV/TSV/Parquet tables (one column group per modality), or UEA/UCR .ts / .arff series. Several input files "
+    "are splits named by their file names (Task_TRAIN.ts Task_TEST.ts); missing splits are carved out, "
+    "stratified and seeded. Prints the commands to run next.",
+)
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="the directory to write")
+@click.option("--format", "fmt", type=click.Choice(formats.names()), default=None,
+              help="input format (default: detected from the paths)")
+@click.option("--modality", multiple=True, metavar="NAME=SPEC",
+              help="a modality and what it holds: table columns or globs (vitals='hr,bp_*'), series dimensions "
+              "(acc=0-2), or an array file with optional channels (acc=imu.npy:0-2); repeatable")
+@click.option("--kind", multiple=True, metavar="NAME=KIND", help="a modality's kind when the guess is wrong "
+              "(image, sequence, tabular, text, vector); repeatable")
+@click.option("--label", default=None, metavar="COLUMN", help="tables and .arff: the label column (default: label; "
+              ".arff: class/target/label or the last attribute)")
+@click.option("--labels", default=None, metavar="FILE", help="arrays: the labels file (default labels.npy/.txt/.csv)")
+@click.option("--splits", default=None, metavar="FILE", help="arrays: a file of train/valid/test per sample")
+@click.option("--split-column", default=None, metavar="COLUMN", help="tables: a column of train/valid/test")
+@click.option("--task", type=click.Choice(["classification", "regression"]), default=None,
+              help="default classification (.ts: from its header)")
+@click.option("--unlabelled", is_flag=True, help="new rows to predict: no labels, no splits")
+@click.option("--valid", type=click.FloatRange(0, 1, max_open=True), default=0.15, show_default=True,
+              help="valid fraction carved out when the input has no valid split")
+@click.option("--test", type=click.FloatRange(0, 1, max_open=True), default=0.15, show_default=True,
+              help="test fraction carved out when the input has no test split")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the carved splits")
+@click.option("--name", default=None, help="the task's name (default: the --out directory's name)")
+@click.option("--overwrite", is_flag=True, help="replace --out (only once the new directory is complete)")
+def convert_command(sources, out, fmt, modality, kind, label, labels, splits, split_column, task, unlabelled, valid,
+                    test, seed, name, overwrite) -> int:
+    options = {"modality": modality, "kind": kind, "label": label, "labels": labels, "splits": splits,
+               "split_column": split_column, "unlabelled": unlabelled}
+    if task is not None:
+        options["task"] = task
+    with console.status("converting"):
+        done = convert(list(sources), out, format=fmt, name=name, valid=valid, test=test, seed=seed,
+                       overwrite=overwrite, **options)
+    _print_converted(done)
+    return 0
+
+
+def _print_converted(done: Converted) -> None:
+    sizes = ", ".join(f"{k} {v}" for k, v in done.split_sizes.items()) or "unlabelled rows, no splits"
+    classes = f"; {len(done.classes)} classes" if done.classes else ""
+    console.print(f"wrote {done.path}: {done.samples} samples ({sizes}){classes}", highlight=False)
+    for modality, line in done.modalities.items():
+        console.print(f"  {modality}: {line}", highlight=False)
+    for note in done.notes:
+        console.print(f"  note: {note}", style="dim", highlight=False, soft_wrap=True)
+    console.print("next:", highlight=False)
+    if done.split_sizes:
+        console.print(f"  modalmoe data describe {done.path}", highlight=False)
+        console.print(f"  modalmoe train generic/token-choice --data {done.path}", highlight=False)
+    else:
+        console.print(f"  modalmoe predict RUN_DIR --input {done.path} --out predictions.csv", highlight=False)
 
 
 def cmd_list(args: SimpleNamespace) -> int:

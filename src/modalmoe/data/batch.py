@@ -43,6 +43,9 @@ class ModalitySpec:
         categorical: tabular only: column index -> number of categories.
         columns: optional column or channel names (tabular fields, sensor axes).
         description: one line for ``modalmoe data describe``.
+        categories: tabular only: column index -> the values its codes ``0..K-1`` stand for, when
+            the codes were made from the values (a run records them, so new rows are coded as in
+            training).
     """
 
     name: str
@@ -51,6 +54,7 @@ class ModalitySpec:
     categorical: Mapping[int, int] = field(default_factory=dict)
     columns: tuple[str, ...] = ()
     description: str = ""
+    categories: Mapping[int, tuple] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -58,6 +62,7 @@ class ModalitySpec:
         object.__setattr__(self, "shape", tuple(self.shape))
         object.__setattr__(self, "categorical", {int(k): int(v) for k, v in dict(self.categorical).items()})
         object.__setattr__(self, "columns", tuple(self.columns))
+        object.__setattr__(self, "categories", {int(k): tuple(v) for k, v in dict(self.categories).items()})
 
     @property
     def variable_length(self) -> bool:

@@ -44,7 +44,7 @@ def _inputs(source: str, run_dir: str | Path, info: dict, split: str):
     """``(split name, dataset, input row of each sample, labelled)`` per part of the input."""
     path = Path(source).expanduser()
     if path.exists():  # new rows: splits and labels optional, labels read as the run's classes
-        rows = load_rows(path, task_type=info["task_type"], classes=info.get("classes"))
+        rows = load_rows(path, task_type=info["task_type"], classes=info.get("classes"), run_specs=info["specs"])
         keep = np.arange(len(rows.index)) if split == "all" else np.flatnonzero(rows.split == split)
         if split != "all" and not len(keep):
             assigned = sorted({s for s in rows.split.tolist() if s})

@@ -76,8 +76,11 @@ Tabular modalities (NPZ or Parquet):
 - ``categorical: [sex]``: the column's values (any type) become integer codes ``0..K-1``
   over the sorted values seen in the train split's present samples; unseen values and
   missing ones (a Parquet null, an NPZ NaN) get code ``K``. The spec records cardinality
-  ``K + 1`` and the modality's ``description`` lists the categories.
+  ``K + 1``, its ``categories`` the values in code order (a run records them, and
+  ``modalmoe predict`` codes new rows with them), and the modality's ``description`` lists them.
 - ``categorical: {sex: 3}``: the column already holds integer codes ``0..2``.
+- ``categorical: {sex: [F, M]}``: the column already holds codes ``0..2`` of these categories
+  (2: unseen or missing), as ``save`` writes them.
 
 A sample lacking a modality is recorded in ``present``; a NaN or Inf in a present sample of a
 numeric modality is an error (clean the data, or mark the sample absent).
@@ -535,8 +538,15 @@ def _check_classes_in_train(
 
 
 def _load_modality(
-    name: str, entry: Any, manifest_path: Path, layout: _Layout, roots: Sequence[Path]
+    name: str,
+    entry: Any,
+    manifest_path: Path,
+    layout: _Layout,
+    roots: Sequence[Path],
+    vocabularies: Mapping[str | int, Sequence] | None = None,
 ) -> tuple[ModalitySpec, dict[str, _Part]]:
+    """One modality's spec and its rows per split; ``vocabularies`` (column name, or index when
+    unnamed -> values) codes categorical columns as a run did, instead of from these rows."""
     where = f"modalities.{name}"
     if not isinstance(entry, Mapping):
         raise _error(manifest_path, where, "expected a mapping {kind: ..., file: ...}")
@@ -553,7 +563,7 @@ def _load_modality(
     _check_kind_keys(entry, kind, files, manifest_path, where)
     sources = layout.sources(files)
     if kind == "tabular" or (kind == "vector" and _is_parquet(sources[0].path)):
-        extra, parts = _load_table_modality(entry, sources, manifest_path, where, layout.field)
+        extra, parts = _load_table_modality(entry, sources, manifest_path, where, layout.field, vocabularies)
     else:
         parts = [_read_part(source.path, kind, entry, name) for source in sources]
         extra = {"columns": _channel_names(entry, parts[0], kind, manifest_path, where)}
@@ -561,8 +571,8 @@ def _load_modality(
     shape = _check_parts(parts, sources, kind, layout.field, fields)
     names = ", ".join(sorted({source.path.name for source in sources}))
     description = str(entry.get("description", f"{kind} from {names}"))
-    if extra.get("categories"):
-        description += f"; categories: {extra['categories']}"
+    if extra.get("described"):
+        description += f"; categories: {extra['described']}"
     spec = ModalitySpec(
         name,
         kind,
@@ -570,6 +580,7 @@ def _load_modality(
         categorical=extra.get("categorical", {}),
         columns=extra.get("columns", ()),
         description=description,
+        categories=extra.get("categories", {}),
     )
     return spec, {
         s: part.take(rows) for part, source in zip(parts, sources, strict=True) for s, rows in source.rows.items()
@@ -871,27 +882,44 @@ def _read_parquet_text(path: Path, column: str) -> _Part:
 
 
 def _load_table_modality(
-    entry: Mapping, sources: Sequence[_Source], manifest_path: Path, where: str, target_field: str
+    entry: Mapping,
+    sources: Sequence[_Source],
+    manifest_path: Path,
+    where: str,
+    target_field: str,
+    vocabularies: Mapping[str | int, Sequence] | None = None,
 ) -> tuple[dict, list[_Part]]:
-    """Read tabular (or Parquet vector) files; categories come from the train split's rows."""
+    """Read tabular (or Parquet vector) files; categories come from the train split's rows
+    (or from ``vocabularies``, a run's, keyed by column name or index)."""
     tables = [_read_table(source.path, entry, manifest_path, where) for source in sources]
     for table, source in zip(tables, sources, strict=True):
         # Checked before the train rows index the table for its categories.
         field = "x" if source.path.suffix == ".npz" else ", ".join(table.names)
         _check_count(len(table.present), source, field, target_field)
     names = tables[0].names
-    categorical = _categorical(entry.get("categorical", []), names, manifest_path, f"{where}.categorical")
+    categorical, named = _categorical(entry.get("categorical", []), names, manifest_path, f"{where}.categorical")
     # New rows to predict (``rows.py``) may have no train split: their own rows then.
     split = "train" if any("train" in s.rows for s in sources) else next(iter(sources[0].rows))
     train_table, train_rows = next((t, s.rows[split]) for t, s in zip(tables, sources, strict=True) if split in s.rows)
-    vocab = {j: _vocabulary(train_table, j, train_rows) for j, k in categorical.items() if k is None}
+    given = vocabularies or {}
+    vocab = {
+        j: list(given.get(names[j] or j, ())) or _vocabulary(train_table, j, train_rows)
+        for j, k in categorical.items()
+        if k is None
+    }
     parts = [_encode_table(t, categorical, vocab, source.path) for t, source in zip(tables, sources, strict=True)]
     cards = {j: (k if k is not None else len(vocab[j]) + 1) for j, k in categorical.items()}
-    categories = "; ".join(
+    described = "; ".join(
         f"{names[j] or j}={[str(v) for v in vocab[j]]} (code {len(vocab[j])}: unseen or missing)" for j in vocab
     )
     columns = tuple(names) if all(names) else ()
-    return {"categorical": cards, "columns": columns, "categories": categories}, parts
+    categories = {j: tuple(_plain(v) for v in values) for j, values in (named | vocab).items()}
+    return {"categorical": cards, "columns": columns, "described": described, "categories": categories}, parts
+
+
+def _plain(value: Any) -> str | int | float | bool:
+    """A category as JSON stores it (a run's task.json records them); other types as text."""
+    return value if isinstance(value, (str, int, float, bool)) else str(value)
 
 
 def _read_table(path: Path, entry: Mapping, manifest_path: Path, where: str) -> _Table:
@@ -934,8 +962,12 @@ def _arrow_values(column) -> tuple[np.ndarray, np.ndarray]:
     return np.array(column.to_pylist(), dtype=object), null
 
 
-def _categorical(value: Any, names: Sequence[str], manifest_path: Path, field: str) -> dict[int, int | None]:
-    """Column index -> declared cardinality (codes already in the file) or None (encode from train)."""
+def _categorical(
+    value: Any, names: Sequence[str], manifest_path: Path, field: str
+) -> tuple[dict[int, int | None], dict[int, list]]:
+    """Column index -> declared cardinality (codes already in the file) or None (encode from
+    train); and column index -> the categories a declared list names (codes ``0..K-1``, ``K``
+    unseen or missing: cardinality ``K + 1``)."""
     if isinstance(value, Mapping):
         items = list(value.items())
     elif isinstance(value, list):
@@ -944,7 +976,7 @@ def _categorical(value: Any, names: Sequence[str], manifest_path: Path, field: s
         raise _error(
             manifest_path, field, f"expected a list of columns or a mapping column -> cardinality, got {value!r}"
         )
-    out = {}
+    out, named = {}, {}
     for column, card in items:
         if column in names and column != "":
             j = list(names).index(column)
@@ -952,10 +984,16 @@ def _categorical(value: Any, names: Sequence[str], manifest_path: Path, field: s
             j = column
         else:
             raise _error(manifest_path, field, f"{column!r} is not one of the columns {list(names)}")
-        if card is not None and (not isinstance(card, int) or card < 1):
-            raise _error(manifest_path, field, f"cardinality of {column!r} must be a positive integer, got {card!r}")
+        if isinstance(card, list) and card:
+            named[j], card = card, len(card) + 1
+        if card is not None and (isinstance(card, bool) or not isinstance(card, int) or card < 1):
+            raise _error(
+                manifest_path,
+                field,
+                f"cardinality of {column!r} must be a positive integer (or the list of its categories), got {card!r}",
+            )
         out[j] = card
-    return out
+    return out, named
 
 
 def _vocabulary(table: _Table, j: int, rows: np.ndarray) -> list:
@@ -993,12 +1031,13 @@ def _encode_table(table: _Table, categorical: Mapping[int, int | None], vocab: M
 def _codes(values: np.ndarray, null: np.ndarray, categories: list) -> np.ndarray:
     """Integer codes ``[n]``: the index in ``categories``; unseen, null or NaN -> ``len(categories)``."""
     lookup = {v: i for i, v in enumerate(categories)}
+    lookup.update({str(v): i for i, v in enumerate(categories) if not isinstance(v, str) and str(v) not in lookup})
     unseen = len(categories)
     if values.dtype.kind == "f":
         null = null | np.isnan(values)
     return np.array(
         [
-            unseen if missing else lookup.get(v, unseen)
+            unseen if missing else lookup.get(v, lookup.get(_plain(v), unseen))
             for v, missing in zip(values.tolist(), null.tolist(), strict=True)
         ],
         dtype=np.float32,
@@ -1063,7 +1102,10 @@ def _save_modality(task: Task, name: str, directory: Path) -> dict:
     if spec.columns and spec.kind in ("tabular", "vector", "sequence"):
         entry["columns"] = list(spec.columns)
     if spec.categorical:
-        entry["categorical"] = {(spec.columns[j] if spec.columns else j): k for j, k in spec.categorical.items()}
+        entry["categorical"] = {
+            (spec.columns[j] if spec.columns else j): list(spec.categories[j]) if j in spec.categories else k
+            for j, k in spec.categorical.items()
+        }
     if spec.description:
         entry["description"] = spec.description
     return entry

@@ -9,20 +9,22 @@ A directory of new samples needs no train/valid/test assignment and no labels: l
 ``splits: {file: ...}`` whose file holds the labels (``target``) and, optionally, the
 ``split`` field. Labels, when there, are read as the run's classes (``classes``), never
 re-encoded from the new file's own labels; a label the run does not know is an error naming
-it. ``index`` is each sample's row in the input files (per split file, with one file per
+it. Categorical columns are coded with the categories the run recorded in training
+(``ModalitySpec.categories``), so a category keeps its code; one the run never saw gets the
+"unseen" code. ``index`` is each sample's row in the input files (per split file, with one file per
 split), so predictions can be joined back to the input.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from modalmoe.data.batch import MultimodalDataset
+from modalmoe.data.batch import ModalitySpec, MultimodalDataset
 from modalmoe.data.formats.manifest import (
     _SPLITS_KEYS,
     SPLITS,
@@ -67,6 +69,7 @@ def load_rows(
     *,
     task_type: str = "classification",
     classes: Sequence[str] | None = None,
+    run_specs: Mapping[str, ModalitySpec] | None = None,
     data_roots=(),
 ) -> Rows:
     """The rows of the manifest at ``path`` (see the module docstring).
@@ -74,6 +77,9 @@ def load_rows(
     Args:
         task_type: the run's task type (a manifest that says otherwise is an error).
         classes: the run's class names; labels are read as these.
+        run_specs: the run's modality specs; their ``categories`` code the rows' categorical
+            columns as in training (a run that did not record them: coded from these rows, with
+            a warning).
     """
     manifest_path = _manifest_path(path)
     manifest = _read_manifest(manifest_path)
@@ -87,12 +93,14 @@ def load_rows(
     layout, assigned = _rows_layout(manifest, manifest_path, roots, modalities)
     specs, parts = {}, {}
     for name, entry in modalities.items():
-        specs[name], parts[name] = _load_modality(str(name), entry, manifest_path, layout, roots)
-        if (entry or {}).get("categorical") and not isinstance(entry.get("categorical"), dict):
+        vocabularies = _vocabularies((run_specs or {}).get(name))
+        specs[name], parts[name] = _load_modality(str(name), entry, manifest_path, layout, roots, vocabularies)
+        coded = isinstance((entry or {}).get("categorical"), dict)
+        if (entry or {}).get("categorical") and not coded and not vocabularies:
             warnings.warn(
-                f"{manifest_path}: modalities.{name}.categorical: the categories are encoded from these rows, not "
-                "from the run's training data, so a code may name another category than in training; give the "
-                "codes in the file (categorical: {column: K}) to be exact",
+                f"{manifest_path}: modalities.{name}.categorical: the run did not record its categories (it was "
+                "trained before modalmoe recorded them), so they are coded from these rows and a code may name "
+                "another category than in training; retrain, or give the codes in the file (categorical: {column: K})",
                 DataFormatWarning,
                 stacklevel=2,
             )
@@ -123,6 +131,13 @@ def load_rows(
         task_type=task_type,
     )
     return Rows(dataset, index, split, labelled, str(manifest.get("name", manifest_path.parent.name)))
+
+
+def _vocabularies(spec: ModalitySpec | None) -> dict[str | int, tuple] | None:
+    """A run's categories of one modality, keyed by column name (index when unnamed)."""
+    if spec is None or not spec.categories:
+        return None
+    return {(spec.columns[j] if j < len(spec.columns) and spec.columns[j] else j): v for j, v in spec.categories.items()}
 
 
 def _rows_layout(manifest, manifest_path: Path, roots, modalities) -> tuple[_Layout, bool]:
