@@ -39,11 +39,13 @@ from modalmoe.checkpoint import CheckpointError
 from modalmoe.commands import data as data_cli
 from modalmoe.commands import presets as model_cli
 from modalmoe.config import ConfigError, load_config
+from modalmoe.data.folds import SMALL as SMALL_DATA
 from modalmoe.data.formats import DataFormatError
 from modalmoe.data.tasks import tasks
 from modalmoe.efficiency.compress import compress_run, parse_keep, parse_layers
 from modalmoe.efficiency.profile import profile_model
 from modalmoe.encoders import encoders
+from modalmoe.evaluate.intervals import summarize_reports
 from modalmoe.evaluate.runner import evaluate
 from modalmoe.io import DamagedFile, atomic_write_text
 from modalmoe.lifelong import growth_callbacks
@@ -60,6 +62,7 @@ from modalmoe.registry import UnknownName, UnknownOption
 from modalmoe.run import RunDir, experiment_task, load_run_model, read_run_config
 from modalmoe.runtime import allocator_name, tune_allocator
 from modalmoe.train import Trainer
+from modalmoe.train.folds import is_folds_dir, read_folds, train_folds
 from modalmoe.train.predict import predict_to_file
 
 console = Console()
@@ -190,6 +193,11 @@ def _experiment(source: str, overrides: tuple[str, ...], data: str | None = None
               "[default: experts]")  # fmt: skip
 @click.option("--ewc", type=click.FloatRange(min=0.0), default=None,
               help="Elastic Weight Consolidation strength on the run's weights [default: 0, off]")  # fmt: skip
+@click.option("--folds", type=click.IntRange(min=3), default=None, metavar="K",
+              help="K-fold: train one run per fold into OUT/fold-<i> (stratified, seeded; every sample tested "
+              "once) and report the mean and 95%% interval over folds in OUT/folds.json")  # fmt: skip
+@click.option("--fold-seed", "fold_seed", type=int, default=None,
+              help="with --folds: the seed that deals the folds [default: train.seed]")  # fmt: skip
 def train(
     config: str | None,
     overrides: tuple[str, ...],
@@ -207,6 +215,8 @@ def train(
     experts: int | None,
     freeze: str | None,
     ewc: float | None,
+    folds: int | None,
+    fold_seed: int | None,
 ) -> int:
 
     task_flags = {"--task": new_task, "--task-option": task_options or None, "--previous": previous}
@@ -239,13 +249,50 @@ def train(
         out = str(source) if source.is_dir() else str(Path("runs") / name)
     if resume and overwrite:
         raise click.UsageError("--resume continues the run, --overwrite deletes it and starts over: pass one")
+    if fold_seed is not None and folds is None:
+        raise click.UsageError("--fold-seed deals the folds of --folds K: add --folds")
+    if folds is not None:
+        return _train_folds(experiment, out, folds, fold_seed, resume=resume, overwrite=overwrite, quiet=quiet)
     callbacks = growth_callbacks(experiment, console)  # a grown run's part (modalmoe.lifelong); else none
     trainer = Trainer(experiment, out, progress=not quiet, console=console, callbacks=callbacks)
+    samples = len(trainer.task.train)
+    if samples < SMALL_DATA:
+        console.print(
+            f"[yellow]warning:[/yellow] {samples} training samples: one test split of this size is a noisy estimate; "
+            f"add --folds 5 for the mean and interval over five folds",
+            highlight=False,
+            soft_wrap=True,
+        )
     result = trainer.fit(resume=resume, overwrite=overwrite)
     if result.test:  # under torchrun only rank 0 evaluates and reports
         shown = ", ".join(f"{k} {v:.4f}" for k, v in result.test.items())
         console.print(f"trained {result.steps} steps ({result.epochs} epochs) -> {result.run_dir}; test: {shown}")
     return 0
+
+
+def _train_folds(experiment, out: str, folds: int, fold_seed, *, resume: bool, overwrite: bool, quiet: bool) -> int:
+    result = train_folds(
+        experiment,
+        out,
+        folds=folds,
+        fold_seed=fold_seed,
+        resume=resume,
+        overwrite=overwrite,
+        progress=not quiet,
+        console=console,
+        callbacks=lambda config: growth_callbacks(config, console),
+    )
+    _print_folds(f"{folds}-fold test metrics -> {result.out}", result.test)
+    return 0
+
+
+def _print_folds(title: str, summaries: dict) -> None:
+    table = Table(title=title, title_justify="left")
+    for column in ("metric", "mean", "std", "95% interval", "folds"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for name, s in summaries.items():
+        table.add_row(name, f"{s.mean:.4f}", f"{s.std:.4f}", f"{s.ci_low:.4f} .. {s.ci_high:.4f}", str(s.n))
+    console.print(table)
 
 
 def _task_options(pairs: tuple[str, ...]) -> dict | None:
@@ -311,6 +358,37 @@ def evaluate_command(
 ) -> int:
 
     levels = _levels(noise)
+    if is_folds_dir(run_dir):
+        if task_label is not None:
+            raise click.UsageError("--task evaluates a grown run's earlier task; a K-fold directory has none")
+        args = (split, subsets, levels, checkpoint, data, allow_nonfinite)
+        reports = []
+        for entry in read_folds(run_dir)["runs"]:
+            fold_dir = Path(run_dir) / entry["run"]
+            console.print(f"fold {entry['fold']}: {fold_dir}", highlight=False)
+            reports.append(_evaluate_run(str(fold_dir), *args, quiet=True))
+        folds = read_folds(run_dir)["folds"]
+        if len(reports) < folds:
+            raise CheckpointError(
+                f"{run_dir!r} holds {len(reports)} of its {folds} fold runs; finish them with "
+                f"`modalmoe train ... --folds {folds} --out {run_dir} --resume`"
+            )
+        summary = summarize_reports(reports)
+        _print_fold_report(summary)
+        payload = json.dumps({"run": str(run_dir), "split": split, "checkpoint": checkpoint, "folds": summary,
+                              "runs": reports}, indent=2)  # fmt: skip
+        atomic_write_text(Path(json_path) if json_path else Path(run_dir) / f"eval-{split}.json", payload)
+        return 0
+    report = _evaluate_run(run_dir, split, subsets, levels, checkpoint, data, allow_nonfinite, task_label=task_label)
+    extra = {"task": task_label} if task_label else {}
+    payload = json.dumps({"run": str(run_dir), "split": split, "checkpoint": checkpoint, **extra, **report}, indent=2)
+    name = f"eval-{split}" + (f"-{task_label}" if task_label else "")
+    atomic_write_text(Path(json_path) if json_path else Path(run_dir) / f"{name}.json", payload)
+    return 0
+
+
+def _evaluate_run(run_dir, split, subsets, levels, checkpoint, data, allow_nonfinite, *, task_label=None, quiet=False):
+    """One run's evaluation report (as a dict), printed unless ``quiet``."""
     config = read_run_config(run_dir)
     task = task_data(config, task_label, run=run_dir, data=data)
     model = load_run_model(run_dir, which=checkpoint)
@@ -328,14 +406,29 @@ def evaluate_command(
             "so its metrics mean nothing and no report was written; check the run (a NaN checkpoint?) and the "
             "inputs' range, or pass --allow-nonfinite to report them anyway"
         )
-    report.print(console)
-    extra = {"task": task_label} if task_label else {}
-    payload = json.dumps(
-        {"run": str(run_dir), "split": split, "checkpoint": checkpoint, **extra, **report.to_dict()}, indent=2
-    )
-    name = f"eval-{split}" + (f"-{task_label}" if task_label else "")
-    atomic_write_text(Path(json_path) if json_path else Path(run_dir) / f"{name}.json", payload)
-    return 0
+    if not quiet:
+        report.print(console)
+    return report.to_dict()
+
+
+def _print_fold_report(summary: dict) -> None:
+    """Modality subsets and noise rows: each metric's mean +- the half-width of its 95% interval over folds."""
+    names = list(summary["metrics"])
+
+    def cell(m):
+        return "" if m is None else f"{m['mean']:.4f} ± {(m['ci_high'] - m['ci_low']) / 2:.4f}"
+
+    title = f"Mean over {summary['runs']} folds ± half the 95% interval"
+    table = Table(title=title, title_justify="left")
+    for column in ("modalities", "samples", *names):
+        table.add_column(column, justify="left" if column == "modalities" else "right")
+    rows = summary["subsets"] or [{"modalities": ["all"], "samples": summary["samples"], "metrics": summary["metrics"]}]
+    for row in rows:
+        table.add_row(" + ".join(row["modalities"]), str(row["samples"]), *[cell(row["metrics"].get(n)) for n in names])
+    for row in summary["noise"]:
+        label = f"noise {row['level']} on {row['noisy']}"
+        table.add_row(label, str(row["samples"]), *[cell(row["metrics"].get(n)) for n in names])
+    console.print(table)
 
 
 def _levels(text: str) -> list[int]:

@@ -37,12 +37,21 @@ from modalmoe.train.trainer import head_outputs
 
 @dataclass(frozen=True)
 class DesignCell:
-    """One design on one task and seed. ``imbalance``: (modality, fraction) kept for training, or None."""
+    """One design on one task and seed. ``imbalance``: (modality, fraction) kept for training, or
+    None. ``fold``: (folds, fold, fold seed) of a K-fold suite (``SuiteConfig.folds``), or None."""
 
     task: str
     design: str
     seed: int
     imbalance: tuple[str, float] | None = None
+    fold: tuple[int, int, int] | None = None
+
+    @property
+    def fold_options(self) -> dict | None:
+        """The task options of the cell's fold (``modalmoe.data.folds``), or None."""
+        if self.fold is None:
+            return None
+        return {"folds": self.fold[0], "fold": self.fold[1], "fold_seed": self.fold[2]}
 
     @property
     def label(self) -> str:
@@ -61,10 +70,11 @@ class DesignCell:
 
     def run(self, suite: SuiteConfig, out: Path, budget: float | None) -> dict:
         """Train and measure the cell (compute-matched to ``budget`` unless None)."""
-        task = suite_task(suite, self.task)
+        task = suite_task(suite, self.task, self.fold_options)
+        fold = {} if self.fold is None else {"fold": self.fold_options}
         if self.design == LOGREG:
-            return _logistic_regression(task, self.seed)
-        cfg = cell_config(suite, self.task, self.design, self.seed)
+            return {**_logistic_regression(task, self.seed), **fold}
+        cfg = cell_config(suite, self.task, self.design, self.seed, self.fold_options)
         matched = None
         if budget is not None:
             matched = match_compute(
@@ -88,7 +98,8 @@ class DesignCell:
                 description=task.description,
                 provenance=task.provenance,
             )
-        run_dir = out / "runs" / task_label(self.task) / self.label / f"s{self.seed}"
+        name = f"s{self.seed}" if self.fold is None else f"s{self.fold[2]}-fold{self.fold[1]}"
+        run_dir = out / "runs" / task_label(self.task) / self.label / name
         result, model, train_seconds = train_run(cfg, run_dir, task)
 
         def evaluate_model(model):
@@ -113,6 +124,7 @@ class DesignCell:
             },
             "train_seconds": round(train_seconds, 3),
             "eval_seconds": round(eval_seconds, 3),
+            **fold,
         }
 
 
@@ -126,13 +138,22 @@ def plan_designs(suite: SuiteConfig) -> list[DesignCell]:
             for seed in suite.seeds:
                 if design == LOGREG and seed != suite.seeds[0]:
                     continue  # deterministic (lbfgs on fixed features): one seed says it all
-                cells.append(DesignCell(task, design, seed))
-                if design == LOGREG:
-                    continue
-                for m in modalities:
-                    for fraction in suite.robustness.imbalance:
-                        cells.append(DesignCell(task, design, seed, (m, fraction)))
+                for run_seed, fold in _replicates(suite, seed):
+                    cells.append(DesignCell(task, design, run_seed, fold=fold))
+                    if design == LOGREG:
+                        continue
+                    for m in modalities:
+                        for fraction in suite.robustness.imbalance:
+                            cells.append(DesignCell(task, design, run_seed, (m, fraction), fold))
     return cells
+
+
+def _replicates(suite: SuiteConfig, seed: int) -> list[tuple[int, tuple[int, int, int] | None]]:
+    """(training seed, fold) of each run of one suite seed: the seed itself, or with ``folds: K``
+    fold ``f`` of the folds dealt by ``seed``, trained with seed ``seed * K + f``."""
+    if not suite.folds:
+        return [(seed, None)]
+    return [(seed * suite.folds + f, (suite.folds, f, seed)) for f in range(suite.folds)]
 
 
 def _logistic_regression(task, seed: int) -> dict:

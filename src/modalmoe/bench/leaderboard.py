@@ -181,7 +181,7 @@ def leaderboards(records: list[dict]) -> dict[str, tuple[str, list[Row]]]:
     return out
 
 
-def markdown(boards: dict, suite_name: str, environment: dict | None) -> str:
+def markdown(boards: dict, suite_name: str, environment: dict | None, folds: int | None = None) -> str:
     lines = [f"# Leaderboard: suite `{suite_name}`", ""]
     if environment:
         lines += [
@@ -189,8 +189,9 @@ def markdown(boards: dict, suite_name: str, environment: dict | None) -> str:
             f"modalmoe {environment.get('modalmoe')} (commit {str(environment.get('git_commit'))[:10]}).",
             "",
         ]
+    over = "seeds" if not folds else f"seeds x {folds} folds (fold f of seed s trained with seed s*{folds}+f)"
     lines += [
-        "Mean over seeds with a 95% Student-t interval; Δ is the mean paired difference from the best dense "
+        f"Mean over {over} with a 95% Student-t interval; Δ is the mean paired difference from the best dense "
         "design (same seeds), `*` where a paired t-test, Holm-adjusted across the task's designs, gives p < 0.05. "
         "missing: mean metric over test runs with at least one modality missing. noise RR/ER: "
         "MultiBench's relative and effective (vs dense-late) robustness with every modality noisy. MFLOPs: "
@@ -259,7 +260,7 @@ def write_outputs(out: Path, records: list[Record], suite, *, console: Console |
     boards = leaderboards(records)
     kinds = [sections.get(name)(records, suite) for name in in_suite_order(sections.names())]
     env = next((r.get("environment") for r in records if r.get("environment")), None)
-    text = markdown(boards, suite.name, env) + "".join(section.markdown() for section in kinds)
+    text = markdown(boards, suite.name, env, suite.folds) + "".join(section.markdown() for section in kinds)
     atomic_write_text(out / "leaderboard.md", text)
     ResultsStore(out).write_csv()
     pareto_plots(boards, out)

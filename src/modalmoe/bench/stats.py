@@ -14,51 +14,14 @@ rejects at least as often.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from scipy import stats
 
+from modalmoe.evaluate.intervals import Summary, summarize
 
-@dataclass(frozen=True)
-class Summary:
-    """Mean, sample standard deviation and a Student-t confidence interval of the mean.
-
-    Attributes:
-        mean: the mean.
-        std: the sample standard deviation (``ddof=1``; 0 for one value).
-        ci_low, ci_high: the interval's ends (both the mean for one value, or when all
-            values are equal: there is no spread to estimate from).
-        n: the number of values.
-    """
-
-    mean: float
-    std: float
-    ci_low: float
-    ci_high: float
-    n: int
-
-
-def summarize(values: Iterable[float], *, confidence: float = 0.95) -> Summary:
-    """Summarize values over seeds with a two-sided Student-t interval (n - 1 degrees of freedom).
-
-    Args:
-        values: one metric per seed.
-        confidence: the interval's coverage.
-    """
-    x = np.asarray(list(values), dtype=float)
-    if x.size == 0:
-        raise ValueError("summarize needs at least one value")
-    mean = float(x.mean())
-    if x.size == 1:
-        return Summary(mean, 0.0, mean, mean, 1)
-    std = float(x.std(ddof=1))
-    if std == 0.0:  # scipy's interval is NaN for a zero scale
-        return Summary(mean, 0.0, mean, mean, int(x.size))
-    low, high = stats.t.interval(confidence, x.size - 1, loc=mean, scale=std / math.sqrt(x.size))
-    return Summary(mean, std, float(low), float(high), int(x.size))
+__all__ = ["Summary", "holm", "paired_test", "significance", "summarize"]
 
 
 def _pairs(a: Mapping[int, float] | Sequence[float], b: Mapping[int, float] | Sequence[float]) -> np.ndarray:

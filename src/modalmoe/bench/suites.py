@@ -242,6 +242,10 @@ class SuiteConfig(_Strict):
             only ``lifelong`` protocols.
         designs: preset designs, and ``logistic-regression``.
         seeds: seeds of every cell.
+        folds: K-fold protocol for the design cells (``modalmoe.data.folds``, K >= 3): each
+            seed ``s`` deals the pooled samples of a task into K folds and trains fold ``f``
+            with seed ``s * K + f`` (so designs are paired on the same fold and seed), and
+            the leaderboard's mean and interval run over seeds x folds. None: the task's splits.
         reference: the design whose cost sets each task's budget.
         match: ``flops`` (forward FLOPs per sample), ``params`` (total parameters) or ``none``.
         tolerance: allowed relative deviation from the budget.
@@ -259,6 +263,7 @@ class SuiteConfig(_Strict):
     tasks: list[str] = Field(default_factory=list)
     designs: list[str] = Field(default_factory=list)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    folds: int | None = Field(None, ge=3)
     reference: str = "dense-early"
     match: Literal["flops", "params", "none"] = "flops"
     tolerance: float = Field(0.05, gt=0.0, lt=1.0)

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from modalmoe.bench.suites import SuiteConfig
 from modalmoe.data.batch import Task
+from modalmoe.data.folds import fold_task
 from modalmoe.efficiency.profile import profile_model
 from modalmoe.evaluate.runner import evaluate
 from modalmoe.lifelong import growth_callbacks
@@ -22,17 +23,25 @@ from modalmoe.train import Trainer, load_run_model
 from modalmoe.train.trainer import experiment_task
 
 
-def cell_config(suite: SuiteConfig, task: str, design: str, seed: int):
+def cell_config(suite: SuiteConfig, task: str, design: str, seed: int, fold: dict | None = None):
     """``<task>/<design>`` with the suite's and the task's overrides and ``train.seed``; for a
-    data directory, ``generic/<design>`` sized for its data."""
+    data directory, ``generic/<design>`` sized for its data. ``fold`` (``folds``, ``fold``,
+    ``fold_seed``) goes into the task options, so the run directory names its fold."""
     overrides = [*suite.overrides, *suite.task_overrides.get(task, []), f"train.seed={seed}"]
+    overrides += [f"task_options.{k}={v}" for k, v in (fold or {}).items()]
     if task not in task_files():
         return get_preset(f"generic/{design}", overrides=overrides, data=task)
     return get_preset(f"{task}/{design}", overrides=overrides)
 
 
-def suite_task(suite: SuiteConfig, task_file: str):
-    """The task of a preset task file, limited to ``suite.limit[task]`` samples per split."""
+def suite_task(suite: SuiteConfig, task_file: str, fold: dict | None = None):
+    """The task of a preset task file, limited to ``suite.limit[task]`` samples per split;
+    with ``fold`` (``folds``, ``fold``, ``fold_seed``), that fold of the limited task."""
+    task = _limited_task(suite, task_file)
+    return fold_task(task, **fold) if fold else task
+
+
+def _limited_task(suite: SuiteConfig, task_file: str):
     task = experiment_task(cell_config(suite, task_file, suite.reference, 0))
     limit = suite.limit.get(task_file)
     if not limit:

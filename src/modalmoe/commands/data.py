@@ -74,37 +74,92 @@ def fetch_command(task, refresh, cache_dir, wheelhouse) -> int:
 )
 @click.argument("sources", nargs=-1, required=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="the directory to write")
-@click.option("--format", "fmt", type=click.Choice(formats.names()), default=None,
-              help="input format (default: detected from the paths)")
-@click.option("--modality", multiple=True, metavar="NAME=SPEC",
-              help="a modality and what it holds: table columns or globs (vitals='hr,bp_*'), series dimensions "
-              "(acc=0-2), or an array file with optional channels (acc=imu.npy:0-2); repeatable")
-@click.option("--kind", multiple=True, metavar="NAME=KIND", help="a modality's kind when the guess is wrong "
-              "(image, sequence, tabular, text, vector); repeatable")
-@click.option("--label", default=None, metavar="COLUMN", help="tables and .arff: the label column (default: label; "
-              ".arff: class/target/label or the last attribute)")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(formats.names()),
+    default=None,
+    help="input format (default: detected from the paths)",
+)
+@click.option(
+    "--modality",
+    multiple=True,
+    metavar="NAME=SPEC",
+    help="a modality and what it holds: table columns or globs (vitals='hr,bp_*'), series dimensions "
+    "(acc=0-2), or an array file with optional channels (acc=imu.npy:0-2); repeatable",
+)
+@click.option(
+    "--kind",
+    multiple=True,
+    metavar="NAME=KIND",
+    help="a modality's kind when the guess is wrong (image, sequence, tabular, text, vector); repeatable",
+)
+@click.option(
+    "--label",
+    default=None,
+    metavar="COLUMN",
+    help="tables and .arff: the label column (default: label; .arff: class/target/label or the last attribute)",
+)
 @click.option("--labels", default=None, metavar="FILE", help="arrays: the labels file (default labels.npy/.txt/.csv)")
 @click.option("--splits", default=None, metavar="FILE", help="arrays: a file of train/valid/test per sample")
 @click.option("--split-column", default=None, metavar="COLUMN", help="tables: a column of train/valid/test")
-@click.option("--task", type=click.Choice(["classification", "regression"]), default=None,
-              help="default classification (.ts: from its header)")
+@click.option(
+    "--task",
+    type=click.Choice(["classification", "regression"]),
+    default=None,
+    help="default classification (.ts: from its header)",
+)
 @click.option("--unlabelled", is_flag=True, help="new rows to predict: no labels, no splits")
-@click.option("--valid", type=click.FloatRange(0, 1, max_open=True), default=0.15, show_default=True,
-              help="valid fraction carved out when the input has no valid split")
-@click.option("--test", type=click.FloatRange(0, 1, max_open=True), default=0.15, show_default=True,
-              help="test fraction carved out when the input has no test split")
+@click.option(
+    "--valid",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.15,
+    show_default=True,
+    help="valid fraction carved out when the input has no valid split",
+)
+@click.option(
+    "--test",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.15,
+    show_default=True,
+    help="test fraction carved out when the input has no test split",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the carved splits")
 @click.option("--name", default=None, help="the task's name (default: the --out directory's name)")
 @click.option("--overwrite", is_flag=True, help="replace --out (only once the new directory is complete)")
-def convert_command(sources, out, fmt, modality, kind, label, labels, splits, split_column, task, unlabelled, valid,
-                    test, seed, name, overwrite) -> int:
-    options = {"modality": modality, "kind": kind, "label": label, "labels": labels, "splits": splits,
-               "split_column": split_column, "unlabelled": unlabelled}
+def convert_command(
+    sources,
+    out,
+    fmt,
+    modality,
+    kind,
+    label,
+    labels,
+    splits,
+    split_column,
+    task,
+    unlabelled,
+    valid,
+    test,
+    seed,
+    name,
+    overwrite,
+) -> int:
+    options = {
+        "modality": modality,
+        "kind": kind,
+        "label": label,
+        "labels": labels,
+        "splits": splits,
+        "split_column": split_column,
+        "unlabelled": unlabelled,
+    }
     if task is not None:
         options["task"] = task
     with console.status("converting"):
-        done = convert(list(sources), out, format=fmt, name=name, valid=valid, test=test, seed=seed,
-                       overwrite=overwrite, **options)
+        done = convert(
+            list(sources), out, format=fmt, name=name, valid=valid, test=test, seed=seed, overwrite=overwrite, **options
+        )
     _print_converted(done)
     return 0
 

@@ -374,6 +374,38 @@ class MultimodalDataset(torch.utils.data.Dataset):
             yield self.batch(order[start : start + batch_size])
 
 
+def concat(datasets: Sequence[MultimodalDataset]) -> MultimodalDataset:
+    """One dataset of the samples of ``datasets`` in order (the splits of one task: same specs,
+    classes and task type); sequences are zero-padded to the longest."""
+    first = datasets[0]
+    for other in datasets[1:]:
+        if set(other.specs) != set(first.specs) or other.task_type != first.task_type or other.classes != first.classes:
+            raise ValueError("concat joins datasets of one task: same modalities, task type and classes")
+    inputs: dict[str, Tensor | list[str]] = {}
+    for name in first.specs:
+        values = [d.inputs[name] for d in datasets]
+        if isinstance(values[0], list):
+            inputs[name] = [v for chunk in values for v in chunk]
+            continue
+        if first.specs[name].variable_length:
+            steps = max(v.shape[1] for v in values)
+            values = [torch.nn.functional.pad(v, (0, 0, 0, steps - v.shape[1])) for v in values]
+        inputs[name] = torch.cat(values)
+    groups = [d.groups for d in datasets]
+    extras = set.intersection(*(set(d.extras) for d in datasets))
+    return MultimodalDataset(
+        specs=first.specs,
+        inputs=inputs,
+        target=torch.cat([d.target for d in datasets]),
+        present={m: torch.cat([d.present[m] for d in datasets]) for m in first.specs},
+        lengths={m: torch.cat([d.lengths[m] for d in datasets]) for m in first.lengths},
+        classes=first.classes,
+        task_type=first.task_type,
+        groups=None if any(g is None for g in groups) else torch.cat(groups),
+        extras={k: torch.cat([d.extras[k] for d in datasets]) for k in sorted(extras)},
+    )
+
+
 @dataclass
 class Task:
     """A task: its splits and what it is.

@@ -46,8 +46,17 @@ def detect(paths: list[Path]) -> bool:
     return len(paths) == 1 and paths[0].is_dir() and any(p.suffix in (".npy", ".npz") for p in paths[0].iterdir())
 
 
-def convert(paths: list[Path], *, modality=(), kind=(), labels=None, splits=None, task="classification",
-            unlabelled=False, **unused) -> Draft:
+def convert(
+    paths: list[Path],
+    *,
+    modality=(),
+    kind=(),
+    labels=None,
+    splits=None,
+    task="classification",
+    unlabelled=False,
+    **unused,
+) -> Draft:
     if len(paths) != 1 or not paths[0].is_dir():
         raise ConvertError(f"{', '.join(map(str, paths))}: the arrays format reads one directory of .npy/.npz files")
     _refuse(unused, "the arrays format")
@@ -70,8 +79,10 @@ def convert(paths: list[Path], *, modality=(), kind=(), labels=None, splits=None
         if n is None:
             n = len(x)
         elif len(x) != n:
-            raise ConvertError(f"{file}: {len(x)} rows, but {next(iter(chosen.values()))[0].name} has {n}; "
-                               "row i of every file is sample i")
+            raise ConvertError(
+                f"{file}: {len(x)} rows, but {next(iter(chosen.values()))[0].name} has {n}; "
+                "row i of every file is sample i"
+            )
         part = _modality(name, file, x, present, lengths, dims, kinds.get(name))
         modalities[name] = part
         if part.note:
@@ -143,15 +154,21 @@ def _read_array(path: Path) -> tuple[np.ndarray, np.ndarray | None, np.ndarray |
         with np.load(path, allow_pickle=False) as npz:
             keys = list(npz.files)
             if "x" not in keys and len(keys) != 1:
-                raise ConvertError(f"{path}: an .npz modality holds 'x' (and optionally 'lengths', 'present'); "
-                                   f"it holds {keys}")
+                raise ConvertError(
+                    f"{path}: an .npz modality holds 'x' (and optionally 'lengths', 'present'); it holds {keys}"
+                )
             x = npz["x" if "x" in keys else keys[0]]
-            return x, npz["present"].astype(bool) if "present" in keys else None, (
-                npz["lengths"] if "lengths" in keys else None)
+            return (
+                x,
+                npz["present"].astype(bool) if "present" in keys else None,
+                (npz["lengths"] if "lengths" in keys else None),
+            )
     except ValueError as e:
         if "pickle" in str(e).lower():
-            raise ConvertError(f"{path}: holds Python objects (pickled); save strings as np.array(values, "
-                               "dtype=str) and numbers as a numeric array") from e
+            raise ConvertError(
+                f"{path}: holds Python objects (pickled); save strings as np.array(values, "
+                "dtype=str) and numbers as a numeric array"
+            ) from e
         raise ConvertError(f"{path}: not a NumPy array file ({e})") from e
     except OSError as e:
         raise ConvertError(f"{path}: cannot be read ({e})") from e

@@ -20,8 +20,16 @@ import numpy as np
 from modalmoe.data.batch import KINDS, TASK_TYPES
 from modalmoe.data.formats.manifest import DataFormatError
 
-SPLIT_WORDS = {"train": "train", "training": "train", "test": "test", "testing": "test", "valid": "valid",
-               "validation": "valid", "val": "valid", "dev": "valid"}
+SPLIT_WORDS = {
+    "train": "train",
+    "training": "train",
+    "test": "test",
+    "testing": "test",
+    "valid": "valid",
+    "validation": "valid",
+    "val": "valid",
+    "dev": "valid",
+}
 
 
 class ConvertError(DataFormatError):
@@ -151,7 +159,9 @@ def parse_indices(spec: str, count: int, what: str, option: str) -> list[int]:
         lo = int(match.group(1))
         hi = int(match.group(2)) if match.group(2) is not None else lo
         if hi < lo or hi >= count:
-            raise ConvertError(f"{option} {spec!r}: {what} {part} is out of range; the input has {count} (0-{count - 1})")
+            raise ConvertError(
+                f"{option} {spec!r}: {what} {part} is out of range; the input has {count} (0-{count - 1})"
+            )
         out += range(lo, hi + 1)
     if len(set(out)) != len(out):
         raise ConvertError(f"{option} {spec!r}: a {what} is listed twice")

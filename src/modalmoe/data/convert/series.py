@@ -67,8 +67,9 @@ def convert_ts(paths: list[Path], *, modality=(), task=None, unlabelled=False, *
     return _draft(series, labels if kind != "none" else None, classes, split, names, paths, modality, task)
 
 
-def convert_arff(paths: list[Path], *, modality=(), kind=(), label=None, task="classification", unlabelled=False,
-                 **unused) -> Draft:
+def convert_arff(
+    paths: list[Path], *, modality=(), kind=(), label=None, task="classification", unlabelled=False, **unused
+) -> Draft:
     _refuse(unused, ".arff files")
     names = splits_of_files(paths)
     loaded = [_read_arff(p) for p in paths]
@@ -82,8 +83,17 @@ def convert_arff(paths: list[Path], *, modality=(), kind=(), label=None, task="c
         meta = loaded[0][1]
         label = label or _default_label(meta.names())
         classes = _nominal_classes(meta, label)
-        return from_tables(tables, paths, names, modality=modality, kind=kind, label=label, task=task,
-                           unlabelled=unlabelled, classes=classes)
+        return from_tables(
+            tables,
+            paths,
+            names,
+            modality=modality,
+            kind=kind,
+            label=label,
+            task=task,
+            unlabelled=unlabelled,
+            classes=classes,
+        )
     if kind:
         raise ConvertError("--kind: the modalities of series are sequences")
     series, labels, split, classes = [], [], [], None
@@ -92,8 +102,10 @@ def convert_arff(paths: list[Path], *, modality=(), kind=(), label=None, task="c
         others = [f for f in meta.names() if f != rel]
         target = None if unlabelled else (label or _default_label(others) if others else None)
         if not unlabelled and target not in others:
-            raise ConvertError(f"{path}: no label attribute {target!r}; its attributes: {', '.join(others)}; "
-                               "name one with --label NAME, or pass --unlabelled")
+            raise ConvertError(
+                f"{path}: no label attribute {target!r}; its attributes: {', '.join(others)}; "
+                "name one with --label NAME, or pass --unlabelled"
+            )
         for row in data:
             block = row[rel]
             values = np.array([[float(v) for v in step] for step in block.tolist()], dtype=np.float64)
@@ -187,13 +199,21 @@ def _read_ts(path: Path, unlabelled: bool) -> tuple[list[list[np.ndarray]], list
         if dims is not None and len(parts) != dims:
             raise ConvertError(f"{path}: line {i + 1}: {len(parts)} dimensions, but @dimensions says {dims}")
         try:
-            series.append([np.array([np.nan if v.strip() in ("?", "NaN", "nan", "") else float(v)
-                                     for v in p.split(",")], dtype=np.float64) for p in parts])
+            series.append(
+                [
+                    np.array(
+                        [np.nan if v.strip() in ("?", "NaN", "nan", "") else float(v) for v in p.split(",")],
+                        dtype=np.float64,
+                    )
+                    for p in parts
+                ]
+            )
         except ValueError as e:
             raise ConvertError(f"{path}: line {i + 1}: a value is not a number ({e})") from e
         if len(series) > 1 and len(series[-1]) != len(series[0]):
-            raise ConvertError(f"{path}: line {i + 1}: {len(series[-1])} dimensions, the first series has "
-                               f"{len(series[0])}")
+            raise ConvertError(
+                f"{path}: line {i + 1}: {len(series[-1])} dimensions, the first series has {len(series[0])}"
+            )
     if not series:
         raise ConvertError(f"{path}: no series after @data")
     if unlabelled:
@@ -208,7 +228,8 @@ def _draft(series, labels, classes, split, names, paths, modality, task) -> Draf
             raise ConvertError(f"{path}: series have {len(s)} and {count} dimensions; every series needs the same")
     groups = parse_assignments(modality, "--modality")
     chosen = {n: parse_indices(spec, count, "dimension", f"--modality {n}") for n, spec in groups.items()} or {
-        "series": list(range(count))}
+        "series": list(range(count))
+    }
     owner = {}
     for name, dims in chosen.items():
         for d in dims:
@@ -228,8 +249,16 @@ def _draft(series, labels, classes, split, names, paths, modality, task) -> Draf
     if not groups:
         notes.append(f"one modality 'series' of {count} dimensions; split it with --modality NAME=DIMS")
     split_array = np.array(split) if names[0] is not None else None
-    return Draft(len(series), modalities, y, classes=classes if task == "classification" else None,
-                 split=split_array if labels is not None else None, task_type=task, source=where, notes=notes)
+    return Draft(
+        len(series),
+        modalities,
+        y,
+        classes=classes if task == "classification" else None,
+        split=split_array if labels is not None else None,
+        task_type=task,
+        source=where,
+        notes=notes,
+    )
 
 
 def _sequence(samples: list[list[np.ndarray]]) -> tuple[ArrayModality, int]:

@@ -43,20 +43,49 @@ def detect(paths: list[Path]) -> bool:
     return all(p.is_file() and p.suffix.lower() in SUFFIXES for p in paths)
 
 
-def convert(paths: list[Path], *, modality=(), kind=(), label=None, split_column=None, task="classification",
-            unlabelled=False, **unused) -> Draft:
+def convert(
+    paths: list[Path],
+    *,
+    modality=(),
+    kind=(),
+    label=None,
+    split_column=None,
+    task="classification",
+    unlabelled=False,
+    **unused,
+) -> Draft:
 
     given = sorted(k for k, v in unused.items() if v not in (None, (), [], False))
     if given:
         raise ConvertError(f"--{given[0].replace('_', '-')} does not apply to a table")
     names = splits_of_files(paths)
     tables = [_read(p) for p in paths]
-    return from_tables(tables, paths, names, modality=modality, kind=kind, label=label, split_column=split_column,
-                       task=task, unlabelled=unlabelled)
+    return from_tables(
+        tables,
+        paths,
+        names,
+        modality=modality,
+        kind=kind,
+        label=label,
+        split_column=split_column,
+        task=task,
+        unlabelled=unlabelled,
+    )
 
 
-def from_tables(tables, paths: list[Path], names: list[str | None], *, modality=(), kind=(), label=None,
-                split_column=None, task="classification", unlabelled=False, classes=None) -> Draft:
+def from_tables(
+    tables,
+    paths: list[Path],
+    names: list[str | None],
+    *,
+    modality=(),
+    kind=(),
+    label=None,
+    split_column=None,
+    task="classification",
+    unlabelled=False,
+    classes=None,
+) -> Draft:
     """The draft of ``tables`` (``pyarrow.Table``s, one per input file, the splits ``names``)."""
     import pyarrow as pa  # local import: pyarrow is imported only when data is read or written
 
@@ -73,15 +102,19 @@ def from_tables(tables, paths: list[Path], names: list[str | None], *, modality=
     if unlabelled:
         label_col = None
     elif label not in table.schema.names:
-        raise ConvertError(f"{paths[0]}: no label column {label!r}; its columns: {', '.join(first[:20])}. "
-                           "Name it with --label COLUMN, or pass --unlabelled for new rows to predict")
+        raise ConvertError(
+            f"{paths[0]}: no label column {label!r}; its columns: {', '.join(first[:20])}. "
+            "Name it with --label COLUMN, or pass --unlabelled for new rows to predict"
+        )
     else:
         label_col = label
     split = None
     if split_column:
         if split_column not in table.schema.names:
             raise ConvertError(f"--split-column {split_column}: no such column in {paths[0]}")
-        split = np.array([str(v).strip().lower() if v is not None else "" for v in table.column(split_column).to_pylist()])
+        split = np.array(
+            [str(v).strip().lower() if v is not None else "" for v in table.column(split_column).to_pylist()]
+        )
         split = np.array([{"val": "valid", "validation": "valid", "dev": "valid"}.get(s, s) for s in split])
         bad = sorted(set(split.tolist()) - {"train", "valid", "test"})
         if bad:
@@ -102,8 +135,17 @@ def from_tables(tables, paths: list[Path], names: list[str | None], *, modality=
         y = label_strings(raw, where) if task == "classification" else label_numbers(raw, where)
     used = [c for m in modalities.values() for c in m.columns]
     notes = [] if modality else [f"one modality 'table' of {len(used)} columns; split it with --modality NAME=COLUMNS"]
-    return Draft(table.num_rows, modalities, y, classes=classes if task == "classification" else None, split=split,
-                 table=table.select(list(dict.fromkeys(used))), task_type=task, source=source, notes=notes)
+    return Draft(
+        table.num_rows,
+        modalities,
+        y,
+        classes=classes if task == "classification" else None,
+        split=split,
+        table=table.select(list(dict.fromkeys(used))),
+        task_type=task,
+        source=source,
+        notes=notes,
+    )
 
 
 def _read(path: Path):
@@ -130,8 +172,11 @@ def _groups(columns: list[str], selected: dict[str, str], reserved: set[str], pa
     for name, spec in selected.items():
         cols: list[str] = []
         for item in (s.strip() for s in spec.split(",")):
-            matched = [c for c in available if fnmatch.fnmatchcase(c, item)] if any(ch in item for ch in "*?[") else (
-                [item] if item in available else [])
+            matched = (
+                [c for c in available if fnmatch.fnmatchcase(c, item)]
+                if any(ch in item for ch in "*?[")
+                else ([item] if item in available else [])
+            )
             if not matched:
                 why = "is the label or split column" if item in reserved else "matches no column"
                 raise ConvertError(f"--modality {name}={spec}: {item!r} {why}; columns: {', '.join(available[:20])}")
@@ -170,8 +215,10 @@ def _modality(name: str, cols: list[str], table, kind: str | None, path: Path) -
         raise ConvertError(f"--kind {name}={kind}: a table's column group is tabular, vector or text")
     other = [c for c in cols if not numeric(c)]
     if kind == "vector" and other:
-        raise ConvertError(f"{path}: column {other[0]!r} of vector modality {name!r} is not numeric; "
-                           f"use --kind {name}=tabular to code it as a category")
+        raise ConvertError(
+            f"{path}: column {other[0]!r} of vector modality {name!r} is not numeric; "
+            f"use --kind {name}=tabular to code it as a category"
+        )
     return TableModality(kind, tuple(cols), tuple(other))
 
 

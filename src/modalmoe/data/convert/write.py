@@ -103,14 +103,24 @@ def _carve(rows: np.ndarray, labels: np.ndarray, fraction: float, rng, stratify:
     return np.sort(out)
 
 
-def write(draft: Draft, out: str | Path, *, name: str | None = None, valid: float = 0.15, test: float = 0.15,
-          seed: int = 0, overwrite: bool = False) -> Converted:
+def write(
+    draft: Draft,
+    out: str | Path,
+    *,
+    name: str | None = None,
+    valid: float = 0.15,
+    test: float = 0.15,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Converted:
     """Write ``draft`` as a manifest directory at ``out`` (see the module docstring)."""
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise ConvertError(f"--out {out}: is a file; name a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConvertError(f"--out {out}: already holds files; choose a new directory or pass --overwrite to replace it")
+        raise ConvertError(
+            f"--out {out}: already holds files; choose a new directory or pass --overwrite to replace it"
+        )
     if not draft.modalities:
         raise ConvertError("nothing to convert: no modality was found in the input")
     split, notes = assign_splits(draft, valid=valid, test=test, seed=seed)
@@ -164,8 +174,11 @@ def _write_files(draft: Draft, directory: Path, split: np.ndarray | None, name: 
         entries[modality] = entry
     if table_columns:
         _write_parquet(draft.table.select(table_columns), directory / TABLE)
-    manifest: dict = {"name": name, "description": f"converted by modalmoe data convert from {draft.source}",
-                      "task": draft.task_type}
+    manifest: dict = {
+        "name": name,
+        "description": f"converted by modalmoe data convert from {draft.source}",
+        "task": draft.task_type,
+    }
     if draft.labels is not None:
         manifest["target"] = "label"
         if draft.task_type == "classification":
@@ -200,7 +213,9 @@ def _write_array(name: str, part: ArrayModality, directory: Path, n: int) -> tup
         empty = present & ~finite.any(axis=1) & (flat.shape[1] > 0)
         if empty.any():  # a sample that is NaN throughout lacks the modality
             present &= ~empty
-            note = (note + "; " if note else "") + f"{name}: {int(empty.sum())} samples with no finite value marked absent"
+            note = (
+                note + "; " if note else ""
+            ) + f"{name}: {int(empty.sum())} samples with no finite value marked absent"
         partial = present & ~finite.all(axis=1)
         if partial.any():
             row = int(np.flatnonzero(partial)[0])

@@ -137,7 +137,9 @@ def _vocabularies(spec: ModalitySpec | None) -> dict[str | int, tuple] | None:
     """A run's categories of one modality, keyed by column name (index when unnamed)."""
     if spec is None or not spec.categories:
         return None
-    return {(spec.columns[j] if j < len(spec.columns) and spec.columns[j] else j): v for j, v in spec.categories.items()}
+    return {
+        (spec.columns[j] if j < len(spec.columns) and spec.columns[j] else j): v for j, v in spec.categories.items()
+    }
 
 
 def _rows_layout(manifest, manifest_path: Path, roots, modalities) -> tuple[_Layout, bool]:

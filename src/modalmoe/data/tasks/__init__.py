@@ -19,6 +19,7 @@ import zipfile
 from pathlib import Path
 
 from modalmoe.data.batch import Task
+from modalmoe.data.folds import fold_options, fold_task
 from modalmoe.data.formats.directory import load_directory
 from modalmoe.data.sources import Source, cache_dir, fetch
 from modalmoe.data.store import load_task_file, save_task
@@ -99,8 +100,16 @@ def load_task(name: str, *, cache=None, wheelhouse=None, refresh: bool = False, 
         wheelhouse: directory of pre-downloaded wheels for offline machines.
         refresh: rebuild the processed task from the raw files.
         options: generator options, for tasks that take them (``synthetic``); a data
-            directory's loader options (``data_roots``; MultiBench's ``trust``, ...).
+            directory's loader options (``data_roots``; MultiBench's ``trust``, ...); for any
+            task, ``folds``, ``fold`` and ``fold_seed`` make it fold ``fold`` of a K-fold split
+            (``modalmoe.data.folds``).
     """
+    fold, options = fold_options(options)
+    task = _load_task(name, cache=cache, wheelhouse=wheelhouse, refresh=refresh, **options)
+    return fold_task(task, **fold) if fold else task
+
+
+def _load_task(name: str, *, cache=None, wheelhouse=None, refresh: bool = False, **options) -> Task:
     if name not in tasks:
         path = Path(name).expanduser()
         if path.exists():
