@@ -167,17 +167,19 @@ def convert_command(
 def _print_converted(done: Converted) -> None:
     sizes = ", ".join(f"{k} {v}" for k, v in done.split_sizes.items()) or "unlabelled rows, no splits"
     classes = f"; {len(done.classes)} classes" if done.classes else ""
-    console.print(f"wrote {done.path}: {done.samples} samples ({sizes}){classes}", highlight=False)
+    console.print(f"wrote {done.path}: {done.samples} samples ({sizes}){classes}", highlight=False, soft_wrap=True)
     for modality, line in done.modalities.items():
-        console.print(f"  {modality}: {line}", highlight=False)
+        console.print(f"  {modality}: {line}", highlight=False, soft_wrap=True)
     for note in done.notes:
         console.print(f"  note: {note}", style="dim", highlight=False, soft_wrap=True)
-    console.print("next:", highlight=False)
+    console.print("next:", highlight=False, soft_wrap=True)
     if done.split_sizes:
-        console.print(f"  modalmoe data describe {done.path}", highlight=False)
-        console.print(f"  modalmoe train generic/token-choice --data {done.path}", highlight=False)
+        console.print(f"  modalmoe data describe {done.path}", highlight=False, soft_wrap=True)
+        console.print(f"  modalmoe train generic/token-choice --data {done.path}", highlight=False, soft_wrap=True)
     else:
-        console.print(f"  modalmoe predict RUN_DIR --input {done.path} --out predictions.csv", highlight=False)
+        console.print(
+            f"  modalmoe predict RUN_DIR --input {done.path} --out predictions.csv", highlight=False, soft_wrap=True
+        )
 
 
 def cmd_list(args: SimpleNamespace) -> int:

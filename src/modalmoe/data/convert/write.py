@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import numpy as np
 import yaml
 
 from modalmoe.data.convert.base import ArrayModality, ConvertError, Draft, TableModality, natural_classes
-from modalmoe.data.formats.manifest import MANIFEST, SPLITS, DataFormatError, _save_npz, load
+from modalmoe.data.formats.manifest import MANIFEST, SPLITS, DataFormatError, DataFormatWarning, _save_npz, load
 from modalmoe.data.formats.rows import load_rows
 from modalmoe.io import atomic_path, atomic_write_text
 
@@ -132,12 +133,16 @@ def write(
         manifest, described, more = _write_files(draft, tmp, split, name or out.name)
         atomic_write_text(tmp / MANIFEST, yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True))
         try:
-            if split is None:
-                load_rows(tmp, task_type=draft.task_type, classes=manifest.get("classes"))
-            else:
-                load(tmp)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", DataFormatWarning)
+                if split is None:  # new rows: their categories are coded with a run's when predicted
+                    load_rows(tmp, task_type=draft.task_type, classes=manifest.get("classes"), run_specs={})
+                else:
+                    load(tmp)
         except DataFormatError as e:
             raise ConvertError(f"the converted data does not load: {str(e).replace(str(tmp), str(out))}") from e
+        if split is not None:  # e.g. a declared class without training samples
+            more += [str(w.message).replace(str(tmp), str(out)) for w in caught]
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)

@@ -62,7 +62,8 @@ def layout(path: str | Path) -> str:
     raise DataFormatError(
         f"{path}: not a data directory: it holds no {MANIFEST} (the documented format: the README's "
         "'Your own data'), no MultiBench AV-MNIST layout "
-        "(image/train_data.npy, audio/train_data.npy), and is not a MultiBench affect pickle (.pkl)"
+        "(image/train_data.npy, audio/train_data.npy), and is not a MultiBench affect pickle (.pkl); "
+        f"to make one from .npy arrays, CSV/Parquet tables or .ts/.arff series: modalmoe data convert {path} --out DIR"
     )
 
 
