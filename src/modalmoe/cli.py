@@ -55,6 +55,7 @@ from modalmoe.lock import DirectoryInUse
 from modalmoe.model.fusion import fusions
 from modalmoe.model.multimodal import build_model
 from modalmoe.model.presets import design_names, get_preset, is_generic, task_files
+from modalmoe.model.upcycle import upcycled_experiment
 from modalmoe.moe import grouped_gemm, routers
 from modalmoe.moe.communication import communications
 from modalmoe.objectives import objectives
@@ -193,6 +194,10 @@ def _experiment(source: str, overrides: tuple[str, ...], data: str | None = None
               "[default: experts]")  # fmt: skip
 @click.option("--ewc", type=click.FloatRange(min=0.0), default=None,
               help="Elastic Weight Consolidation strength on the run's weights [default: 0, off]")  # fmt: skip
+@click.option("--upcycle-from", "upcycle_from", type=click.Path(file_okay=False), default=None, metavar="RUN_DIR",
+              help="sparse upcycling: train an MoE model whose experts start as copies of this dense run's FFNs "
+              "(the run's config with model.moe.every=1; change experts, k or router with --set model.moe.*); "
+              "at step 0 it computes what the dense run computes")  # fmt: skip
 @click.option("--folds", type=click.IntRange(min=3), default=None, metavar="K",
               help="K-fold: train one run per fold into OUT/fold-<i> (stratified, seeded; every sample tested "
               "once) and report the mean and 95%% interval over folds in OUT/folds.json")  # fmt: skip
@@ -215,6 +220,7 @@ def train(
     experts: int | None,
     freeze: str | None,
     ewc: float | None,
+    upcycle_from: str | None,
     folds: int | None,
     fold_seed: int | None,
 ) -> int:
@@ -235,6 +241,13 @@ def train(
         raise click.UsageError(
             "--experts, --freeze and --ewc grow a run: add --continue-from and --add-modality or --add-task"
         )
+    elif upcycle_from is not None:
+        if config is not None or data is not None:
+            raise click.UsageError(
+                "--upcycle-from RUN_DIR builds the MoE config from the dense run: drop CONFIG and --data"
+            )
+        experiment = upcycled_experiment(upcycle_from, overrides)
+        out = out or f"{str(upcycle_from).rstrip('/')}+upcycled"
     elif config is None:
         raise click.UsageError("missing CONFIG (a preset, a YAML file or a run directory), or --continue-from RUN_DIR")
     else:

@@ -495,6 +495,25 @@ class GrowConfig(_Strict):
         return self
 
 
+class UpcycleConfig(_Strict):
+    """Sparse upcycling (Komatsuzaki et al. 2023): fill this run's MoE layers with copies of the
+    FFNs of the dense run in ``train.init_from`` (``modalmoe.model.upcycle``); set by
+    ``modalmoe train --upcycle-from RUN``.
+
+    Attributes:
+        router_init: ``tied`` (a fresh router; with fine-grained experts, the rows of each copy
+            of the FFN tied so that top-k takes whole copies) or ``zero`` (uniform routing).
+        noise: multiplicative noise on the expert copies (0: exact copies, so the model starts
+            by computing exactly what the dense model did).
+        shared_fraction: the share of the FFN's output the shared experts take (None: their
+            share of the active hidden units).
+    """
+
+    router_init: Literal["tied", "zero"] = "tied"
+    noise: float = Field(0.0, ge=0.0)
+    shared_fraction: float | None = Field(None, ge=0.0, le=1.0)
+
+
 class TrainConfig(_Strict):
     """How to train.
 
@@ -522,6 +541,8 @@ class TrainConfig(_Strict):
         lora: low-rank adapters on a frozen base (``rank: 0``: off).
         grow: this run continues ``init_from`` with added modalities and experts
             (``GrowConfig``); None: a plain run. Omitted from dumps while None.
+        upcycle: this MoE run starts from the dense run ``init_from`` by sparse upcycling
+            (``UpcycleConfig``); None: no upcycling.
     """
 
     epochs: int = Field(30, ge=1)
@@ -543,9 +564,14 @@ class TrainConfig(_Strict):
     init_from: str | None = None
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
     grow: GrowConfig | None = None
+    upcycle: UpcycleConfig | None = None
 
     @model_validator(mode="after")
     def _grow_needs_a_run(self) -> TrainConfig:
+        if self.upcycle is not None and self.init_from is None:
+            raise ValueError("train.upcycle starts from a dense run: set train.init_from to its directory")
+        if self.upcycle is not None and self.grow is not None:
+            raise ValueError("train.upcycle and train.grow both transform train.init_from: set one")
         if self.grow is not None and self.init_from is None:
             raise ValueError("train.grow continues a run: set train.init_from to its directory (or --continue-from)")
         if self.grow is not None and self.lora.rank:
