@@ -232,6 +232,40 @@ class TaskSequenceProtocol(_Strict):
         return f"{self.design}:{'>'.join(self.labels[: step + 1])}:{method}"
 
 
+class UpcycleProtocol(_Strict):
+    """Sparse upcycling against continuing the dense run (issue 20, ``bench/upcycling.py``):
+    per seed, ``<task>/<dense>`` trains ``epochs`` epochs (the parent); then, for the same
+    ``extra_epochs`` each and seed for seed, the parent continues as it is (``continued``) and
+    is upcycled into an MoE model (``upcycled``: ``modalmoe.model.upcycle``, with
+    ``moe_overrides`` such as ``model.moe.num_experts=16``). The presets' sizes are used (no
+    compute matching: the upcycled model's active FLOPs equal the dense model's by construction).
+
+    Attributes:
+        task: a preset task file.
+        dense: the dense design of the parent.
+        epochs: the parent's epochs.
+        extra_epochs: the epochs of both arms after the parent.
+        moe_overrides: ``key=value`` for the upcycled arm only.
+        overrides: ``key=value`` for every stage, after the suite's.
+    """
+
+    task: str
+    dense: str = "dense-early"
+    epochs: int = Field(10, ge=1)
+    extra_epochs: int = Field(10, ge=1)
+    moe_overrides: list[str] = Field(default_factory=list)
+    overrides: list[str] = Field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        """The protocol and its parent's design label: ``dense-early:10ep``."""
+        return f"{self.dense}:{self.epochs}ep"
+
+    def arm_label(self, arm: str) -> str:
+        """A cell's design label: ``dense-early:10ep`` (the parent), ``dense-early:10ep>continued+10``."""
+        return self.label if arm == "parent" else f"{self.label}>{arm}+{self.extra_epochs}"
+
+
 class SuiteConfig(_Strict):
     """A benchmark suite.
 
@@ -256,6 +290,8 @@ class SuiteConfig(_Strict):
         compress: efficiency methods applied to each trained cell (``CompressConfig``).
         lifelong: lifelong protocols (``LifelongProtocol``), run over ``seeds`` with
             ``overrides`` and ``task_overrides``, not ``limit`` or ``match``.
+        sequences: task sequences (``TaskSequenceProtocol``).
+        upcycle: upcycling protocols (``UpcycleProtocol``), run over ``seeds`` like ``lifelong``.
     """
 
     name: str
@@ -274,17 +310,19 @@ class SuiteConfig(_Strict):
     compress: list[CompressConfig] = Field(default_factory=list)
     lifelong: list[LifelongProtocol] = Field(default_factory=list)
     sequences: list[TaskSequenceProtocol] = Field(default_factory=list)
+    upcycle: list[UpcycleProtocol] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _known_parts(self) -> SuiteConfig:
-        if bool(self.tasks) != bool(self.designs) or not (self.tasks or self.lifelong or self.sequences):
+        protocols = self.lifelong or self.sequences or self.upcycle
+        if bool(self.tasks) != bool(self.designs) or not (self.tasks or protocols):
             raise ValueError(
                 "a suite needs both tasks and designs (cells task x design x seed), or lifelong protocols or task "
                 f"sequences, or several of these; got tasks {self.tasks}, designs {self.designs}, "
                 f"{len(self.lifelong)} lifelong protocols, {len(self.sequences)} task sequences"
             )
         known_tasks, known_designs = task_files(), [*design_names(), LOGREG]
-        lifelong_tasks = [p.task for p in [*self.lifelong, *self.sequences]]
+        lifelong_tasks = [p.task for p in [*self.lifelong, *self.sequences, *self.upcycle]]
         data_dirs = [t for t in self.tasks if t not in known_tasks and Path(t).expanduser().is_dir()]
         labels = [task_label(t) for t in self.tasks]
         if len(set(labels)) < len(labels):
@@ -292,12 +330,16 @@ class SuiteConfig(_Strict):
         for what, names, known in (
             ("task", [*[t for t in self.tasks if t not in data_dirs], *lifelong_tasks], known_tasks),
             ("design", [*self.designs, *(p.design for p in [*self.lifelong, *self.sequences])], known_designs),
+            ("dense design", [p.dense for p in self.upcycle], known_designs),
         ):
             unknown = [n for n in names if n not in known]
             if unknown:
                 raise ValueError(f"unknown {what}s {unknown}; known: {', '.join(known)}")
         if LOGREG in [p.design for p in [*self.lifelong, *self.sequences]]:
             raise ValueError(f"a lifelong protocol needs a trained design, not {LOGREG!r}")
+        upcycle_labels = [(p.task, p.label) for p in self.upcycle]
+        if len(set(upcycle_labels)) < len(upcycle_labels):
+            raise ValueError(f"upcycle protocols {upcycle_labels} are listed twice (vary dense or epochs)")
         sequence_labels = [(p.task, p.label) for p in self.sequences]
         if len(set(sequence_labels)) < len(sequence_labels):
             raise ValueError(f"task sequences {sequence_labels} are listed twice")
