@@ -13,7 +13,8 @@ batches in the same order (same seed) and start from the same function (the step
 ``tests/test_upcycle.py``). Reported: each arm's test metric, the paired difference
 (upcycle - continue) over seeds with its 95% Student-t interval and paired t-test p-value
 (Holm-adjusted over the tasks), the FLOPs per sample of both arms, and the validation
-metric per epoch of both arms (the curve over training steps), averaged over seeds.
+metric and training loss per epoch of both arms (the curves over training steps), averaged
+over seeds.
 
 Runs go to ``--out`` (finished runs are reused); results to ``<out>/results.json``.
 """
@@ -40,8 +41,16 @@ def train(config, out: Path) -> dict:
 
 
 def curve(run: Path, metric: str) -> list[float]:
+    """The validation metric after each epoch (``metrics.jsonl``)."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r[f"valid/{metric}"] for r in rows if f"valid/{metric}" in r]
+    return [r[metric] for r in rows if r.get("split") == "valid" and metric in r]
+
+
+def train_loss(run: Path) -> list[float]:
+    """The training cross-entropy of the last logged step of each epoch."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = {r["epoch"]: r["cross_entropy"] for r in rows if r.get("split") == "train" and "cross_entropy" in r}
+    return [last[e] for e in sorted(last)]
 
 
 def main() -> None:
@@ -56,6 +65,7 @@ def main() -> None:
     for task in args.tasks:
         arms: dict[str, dict[int, float]] = {"continue": {}, "upcycle": {}}
         curves: dict[str, list[list[float]]] = {"continue": [], "upcycle": []}
+        losses: dict[str, list[list[float]]] = {"continue": [], "upcycle": []}
         flops = {}
         for seed in args.seeds:
             common = [f"train.seed={seed}", "train.early_stopping=null"]
@@ -72,6 +82,7 @@ def main() -> None:
                 metric = next(iter(summary["test"]))
                 arms[arm][seed] = summary["test"][metric]
                 curves[arm].append(curve(run, metric))
+                losses[arm].append(train_loss(run))
                 if arm not in flops:
                     batch = RunDir(run).task().test.batch(range(64))
                     flops[arm] = measure_cost(load_run_model(run), batch).flops
@@ -87,6 +98,7 @@ def main() -> None:
             "p": pvalues[task],
             "flops_per_sample": flops,
             "valid_curve": {a: [statistics.mean(col) for col in zip(*c, strict=False)] for a, c in curves.items()},
+            "train_loss_curve": {a: [statistics.mean(col) for col in zip(*c, strict=False)] for a, c in losses.items()},
         }
     for task, p in holm(pvalues).items():
         results[task]["p_holm"] = p
