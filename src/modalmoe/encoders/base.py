@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -24,10 +24,13 @@ class Tokens:
     Attributes:
         x: [B, N, D] token embeddings (zero where ``mask`` is False).
         mask: [B, N] True for real tokens; all False for a sample without the modality.
+        aux_losses: auxiliary losses of MoE layers inside the encoder (``text_minilm_moe``),
+            by name; the model adds them to its own (``ModelOutput.aux_losses``).
     """
 
     x: Tensor
     mask: Tensor
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
 
 
 class Encoder(nn.Module):
@@ -72,6 +75,11 @@ class Encoder(nn.Module):
         """x: the present samples' rows -> ([P, N, D] tokens, [P, N] mask)."""
         raise NotImplementedError
 
+    def embed_with_losses(self, x, mask: Tensor | None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """``embed`` and the auxiliary losses of MoE layers inside the encoder (none here)."""
+        tokens, token_mask = self.embed(x, mask)
+        return tokens, token_mask, {}
+
     def forward(self, x, present: Tensor, mask: Tensor | None = None) -> Tokens:
         """x: [B, ...] (a list of strings for text); present: [B] bool; mask: [B, L] for
         sequences -> ``Tokens``. Rows of absent samples are not read."""
@@ -82,11 +90,11 @@ class Encoder(nn.Module):
         else:
             kept = x.index_select(0, rows)
         kept_mask = None if mask is None else mask.index_select(0, rows)
-        tokens, token_mask = self.embed(kept, kept_mask)
+        tokens, token_mask, losses = self.embed_with_losses(kept, kept_mask)
         tokens = (tokens + self.modality_embedding) * token_mask.unsqueeze(-1)
         out = tokens.new_zeros(batch, tokens.shape[1], self.dim).index_copy(0, rows, tokens)
         out_mask = token_mask.new_zeros(batch, tokens.shape[1]).index_copy(0, rows, token_mask)
-        return Tokens(out, out_mask)
+        return Tokens(out, out_mask, losses)
 
 
 class Standardize(nn.Module):

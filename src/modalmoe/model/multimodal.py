@@ -263,7 +263,7 @@ class MultimodalModel(nn.Module):
             pooled=fused.pooled,
             present=fused.present,
             embeddings=None if self.embedding_head is None else self.embedding_head(fused.pooled, fused.present),
-            aux_losses=fused.aux_losses,
+            aux_losses=_with_encoder_losses(fused.aux_losses, inputs),
             records=fused.records,
             tokens=[Tokens(x, s.mask) for x, s in zip(fused.tokens, streams, strict=True)],
             inputs=inputs,
@@ -384,3 +384,14 @@ def build_model(
         task_heads={t.name: Head(kind=t.kind, dim=config.dim, outputs=t.outputs) for t in config.tasks[:-1]},
     )
     return model
+
+
+def _with_encoder_losses(aux_losses: dict[str, Tensor], streams: list[Tokens]) -> dict[str, Tensor]:
+    """The trunk's aux losses plus those of MoE layers inside encoders (``Tokens.aux_losses``)."""
+    if not any(s.aux_losses for s in streams):
+        return aux_losses
+    total = dict(aux_losses)
+    for stream in streams:
+        for name, value in stream.aux_losses.items():
+            total[name] = total[name] + value if name in total else value
+    return total
