@@ -17,7 +17,6 @@ SPECS = {
     "tabular": ModalitySpec("tab", "tabular", (4,), categorical={1: 3, 3: 2}),
     "text_learned": ModalitySpec("txt", "text", ()),
     "text_minilm": ModalitySpec("txt", "text", ()),
-    "text_minilm_moe": ModalitySpec("txt", "text", ()),
     "vector": ModalitySpec("vec", "vector", (6,)),
 }
 OPTIONS = {
@@ -26,7 +25,6 @@ OPTIONS = {
     "vector": {"tokens": 2},
     "text_learned": {"vocab_size": 64},
     "text_minilm": {"tokens": 2, "cache": False},  # memory-only: tests leave no files behind
-    "text_minilm_moe": {"experts": 4, "k": 2, "max_length": 12},
 }
 
 

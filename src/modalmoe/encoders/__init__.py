@@ -10,7 +10,7 @@ Every encoder adds a learned modality embedding, so the trunk can tell modalitie
     minilm = encoders.create("text_minilm", spec=task.specs["text"], dim=64)  # frozen, pretrained
 """
 
-from modalmoe.encoders import image, sequence, tabular, text, text_minilm_moe, text_pretrained, vector  # noqa: E402,F401,I001  (registration)
+from modalmoe.encoders import image, sequence, tabular, text, text_pretrained, vector  # noqa: E402,F401,I001  (registration)
 from modalmoe.encoders.base import Encoder, Tokens, encoders, sinusoidal_positions
 
 
