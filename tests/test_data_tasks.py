@@ -18,7 +18,7 @@ from modalmoe.data import MultimodalBatch, cache_dir, load_task, tasks
 from modalmoe.data.describe import linear_baselines
 from modalmoe.data.tasks.watch_imu import SUBJECTS
 
-BUNDLED = ["av-digits", "clothing-reviews", "mfeat", "watch-imu"]
+BUNDLED = ["av-digits", "clothing-reviews", "easy-vqa", "mfeat", "watch-imu"]
 
 
 @pytest.fixture(scope="session")

@@ -2,36 +2,48 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
+import shutil
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import save_file
 
+import modalmoe.model  # noqa: F401  (registers the encoders that hold MoE layers: text_minilm_moe)
 from modalmoe.data import ModalitySpec
-from modalmoe.encoders import build_encoder, encoders
+from modalmoe.encoders import build_encoder, encoders, image_pretrained
 
 D = 16
 TEXTS = ["a red dress that fits well", "too small, returned it", "lovely soft fabric", "", "the zipper broke"]
 
 SPECS = {
     "image": ModalitySpec("img", "image", (1, 8, 8)),
+    "image_efficientnet_lite0": ModalitySpec("img", "image", (1, 8, 8)),
     "sequence": ModalitySpec("seq", "sequence", (None, 3)),
     "tabular": ModalitySpec("tab", "tabular", (4,), categorical={1: 3, 3: 2}),
     "text_learned": ModalitySpec("txt", "text", ()),
     "text_minilm": ModalitySpec("txt", "text", ()),
+    "text_minilm_moe": ModalitySpec("txt", "text", ()),
     "vector": ModalitySpec("vec", "vector", (6,)),
 }
 OPTIONS = {
     "image": {"patch": 4},
+    "image_efficientnet_lite0": {"size": 32, "cache": False},  # weights: random (random_lite0), nothing fetched
     "sequence": {"patch": 2},
     "vector": {"tokens": 2},
     "text_learned": {"vocab_size": 64},
     "text_minilm": {"tokens": 2, "cache": False},  # memory-only: tests leave no files behind
+    "text_minilm_moe": {"experts": 4, "k": 2, "max_length": 12},
 }
 
 
 def make_input(name: str, batch: int, seed: int = 0):
     """(x, mask) for ``batch`` samples of the modality kind behind registry ``name``."""
     g = torch.Generator().manual_seed(seed)
-    if name == "image":
+    if name.startswith("image"):
         return torch.rand(batch, 1, 8, 8, generator=g), None
     if name == "sequence":
         lengths = torch.randint(1, 8, (batch,), generator=g)
@@ -48,9 +60,25 @@ def make_input(name: str, batch: int, seed: int = 0):
     return torch.randn(batch, 6, generator=g), None
 
 
+@functools.cache
+def random_lite0() -> str:
+    """A randomly initialised EfficientNet-Lite0 as safetensors (the pinned ImageNet weights are
+    checked in tests/test_image_pretrained.py's slow tier)."""
+    torch.manual_seed(0)
+    state = image_pretrained.EfficientNetLite0().state_dict()
+    folder = tempfile.mkdtemp(prefix="modalmoe-lite0-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    path = Path(folder) / "random.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return str(path)
+
+
 def build(name: str):
     torch.manual_seed(0)
-    encoder = encoders.create(name, spec=SPECS[name], dim=D, **OPTIONS.get(name, {}))
+    options = dict(OPTIONS.get(name, {}))
+    if name == "image_efficientnet_lite0":
+        options["weights"] = random_lite0()
+    encoder = encoders.create(name, spec=SPECS[name], dim=D, **options)
     x, mask = make_input(name, 12, seed=1)
     encoder.fit(x, torch.ones(12, dtype=torch.bool), mask)
     return encoder

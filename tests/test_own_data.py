@@ -92,6 +92,7 @@ def test_the_readme_worked_example_runs_on_generated_data(tmp_path):
     data = load(tmp_path / "my-data")
     sizes = {split: len(data.splits[split]) for split in ("train", "valid", "test")}
     assert sum(sizes.values()) == 160 and data.name == "my-sensors" and data.train.classes == tuple(sorted(CLASSES))
+
     def output(prefix: str) -> str:
         return next(out for line, out in outputs.items() if line.startswith(prefix))
 

@@ -52,8 +52,11 @@ CASES = {
     "sigmoid gating": ["model.moe.k=2", "model.moe.router_options={gating: sigmoid}"],
     "shared expert, k=1 (shared holds a shard)": ["model.moe.k=1", "model.moe.shared_experts=1"],
     "shared experts, k=2": ["model.moe.k=2", "model.moe.shared_experts=2"],
-    "shared expert tiled (as wide as the FFN)": ["model.moe.k=1", "model.moe.shared_experts=1",
-                                                 "model.moe.expert_hidden=128"],  # fmt: skip
+    "shared expert tiled (as wide as the FFN)": [
+        "model.moe.k=1",
+        "model.moe.shared_experts=1",
+        "model.moe.expert_hidden=128",
+    ],  # fmt: skip
     "modality experts": ["model.moe.router=modality_experts"],
     "per-modality routers": ["model.moe.router=per_modality"],
     "hierarchical": ["model.moe.router=hierarchical"],

@@ -291,12 +291,18 @@ def _print_description(info: dict) -> None:
     console.print(table)
     if "classes" in info:
         console.print("classes (train): " + ", ".join(f"{k} {v}" for k, v in info["classes"].items()))
+    if "majority" in info:
+        prior = dict(info["majority"])
+        answer = prior.pop("class")
+        scores = ", ".join(f"{split} {score:.3f}" for split, score in prior.items())
+        console.print(f"majority class (the prior): always {answer!r} scores {scores}", highlight=False)
     if "linear_baselines" in info:
         metric = "accuracy" if info["task_type"] == "classification" else "R^2"
         table = Table(title=f"logistic-regression baselines ({metric}, trained on train)")
-        for column in ("features", "valid", "test"):
+        for column in ("features", "valid", "test", "fitted on"):
             table.add_column(column)
         for name, scores in info["linear_baselines"].items():
-            table.add_row(name, f"{scores['valid']:.3f}", f"{scores['test']:.3f}")
+            rows = f"{scores['train_rows']:,} sampled train rows" if "train_rows" in scores else "all train rows"
+            table.add_row(name, f"{scores['valid']:.3f}", f"{scores['test']:.3f}", rows)
         console.print(table)
     console.print(info["provenance"], style="dim", highlight=False)

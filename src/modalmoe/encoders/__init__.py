@@ -11,6 +11,7 @@ Every encoder adds a learned modality embedding, so the trunk can tell modalitie
 """
 
 from modalmoe.encoders import image, sequence, tabular, text, text_pretrained, vector  # noqa: E402,F401,I001  (registration)
+from modalmoe.encoders import image_pretrained  # noqa: E402,F401,I001  (registration)
 from modalmoe.encoders.base import Encoder, Tokens, encoders, sinusoidal_positions
 
 

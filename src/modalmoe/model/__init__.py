@@ -1,5 +1,7 @@
 """The multimodal model: trunk blocks, fusion, heads, missing-modality strategies, presets."""
 
+# Encoders that hold MoE layers (they need both floors below): registered in ``encoders``.
+from modalmoe.model import text_minilm_moe  # noqa: E402,F401,I001  (registration)
 from modalmoe.model.blocks import Block, Trunk, TrunkOutput, TrunkShape
 from modalmoe.model.fusion import Fusion, FusionOutput, fusions
 from modalmoe.model.heads import EmbeddingHead, Head
