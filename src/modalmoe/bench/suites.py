@@ -285,13 +285,15 @@ class SuiteConfig(_Strict):
         tolerance: allowed relative deviation from the budget.
         overrides: ``key=value`` for every cell (``train.epochs=8``).
         task_overrides: task -> more overrides.
-        limit: task -> maximum samples per split (a seeded random subset; for quick suites).
+        limit: task -> maximum samples per split (a seeded random subset; for quick suites), for the
+            design cells and the upcycle protocols of that task.
         robustness: the robustness axes.
         compress: efficiency methods applied to each trained cell (``CompressConfig``).
         lifelong: lifelong protocols (``LifelongProtocol``), run over ``seeds`` with
             ``overrides`` and ``task_overrides``, not ``limit`` or ``match``.
         sequences: task sequences (``TaskSequenceProtocol``).
-        upcycle: upcycling protocols (``UpcycleProtocol``), run over ``seeds`` like ``lifelong``.
+        upcycle: upcycling protocols (``UpcycleProtocol``), run over ``seeds`` like ``lifelong``, with
+            ``limit``.
     """
 
     name: str
@@ -357,12 +359,13 @@ class SuiteConfig(_Strict):
         if self.match != "none" and self.reference not in design_names():
             raise ValueError(f"reference design {self.reference!r} is not a design ({', '.join(design_names())})")
         stray = sorted(
-            (set(self.task_overrides) - set(self.tasks) - set(lifelong_tasks)) | (set(self.limit) - set(self.tasks))
+            (set(self.task_overrides) - set(self.tasks) - set(lifelong_tasks))
+            | (set(self.limit) - set(self.tasks) - {p.task for p in self.upcycle})
         )
         if stray:
             raise ValueError(
-                f"task_overrides/limit name tasks {stray} that the suite does not run (limit applies to `tasks`, "
-                "not to lifelong protocols)"
+                f"task_overrides/limit name tasks {stray} that the suite does not run (limit applies to `tasks` "
+                "and upcycle protocols, not to lifelong protocols or task sequences)"
             )
         return self
 

@@ -42,8 +42,11 @@ def suite_task(suite: SuiteConfig, task_file: str, fold: dict | None = None):
 
 
 def _limited_task(suite: SuiteConfig, task_file: str):
-    task = experiment_task(cell_config(suite, task_file, suite.reference, 0))
-    limit = suite.limit.get(task_file)
+    return limit_task(experiment_task(cell_config(suite, task_file, suite.reference, 0)), suite.limit.get(task_file))
+
+
+def limit_task(task: Task, limit: int | None) -> Task:
+    """``task`` with at most ``limit`` samples per split (a seeded random subset; None: all)."""
     if not limit:
         return task
     splits = {}

@@ -29,7 +29,7 @@ from modalmoe.bench.cells import LifelongError, planners
 from modalmoe.bench.stats import holm, paired_test, summarize
 from modalmoe.bench.suites import SuiteConfig, UpcycleProtocol
 from modalmoe.bench.tables import MethodsSection, mean_std, scale, sections
-from modalmoe.bench.training import evaluate_with_axes, train_run, trained_fields
+from modalmoe.bench.training import evaluate_with_axes, limit_task, train_run, trained_fields
 from modalmoe.model.presets import get_preset
 from modalmoe.model.upcycle import upcycled_experiment
 from modalmoe.train.trainer import experiment_task
@@ -124,7 +124,7 @@ def run_upcycle_cell(cell: UpcycleCell, suite: SuiteConfig, out: Path) -> dict:
     protocol = suite.upcycle[cell.protocol]
     config = cell_experiment(cell, suite, out)
     run_dir = run_directory(out, protocol, cell.seed, cell.arm)
-    task = experiment_task(config)
+    task = limit_task(experiment_task(config), suite.limit.get(protocol.task))
     result, model, train_seconds = train_run(config, run_dir, task, console=Console(quiet=True))
     report, eval_seconds = evaluate_with_axes(model, task, suite, cell.seed)
     parent = run_directory(out, protocol, cell.seed, "parent")
