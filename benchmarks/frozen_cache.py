@@ -54,8 +54,13 @@ def main() -> None:
     class EncoderClock(Callback):
         name = "encoder-clock"
 
-        def __init__(self) -> None:
-            self.epoch = 0
+        def __init__(self, steps_per_epoch: int) -> None:
+            self.steps_per_epoch = steps_per_epoch
+            self.forwards = 0  # training forwards so far: the epoch is forwards // steps_per_epoch
+
+        @property
+        def epoch(self) -> int:
+            return self.forwards // self.steps_per_epoch
 
         def on_model(self, model, init_report) -> None:
             encoder = model.encoders[args.modality]
@@ -70,16 +75,16 @@ def main() -> None:
                     seconds[self.epoch] += time.perf_counter() - started.pop("t")
                     calls[self.epoch] += 1
                     epoch_wall[self.epoch].append(time.perf_counter())
+                    self.forwards += 1
 
             encoder.register_forward_pre_hook(before)
             encoder.register_forward_hook(after)
 
-        def after_update(self, step, epoch, records, log) -> str:
-            self.epoch = epoch
-            return ""
-
     config = get_preset(args.preset, overrides=[f"train.epochs={args.epochs}", "train.early_stopping=null"])
-    Trainer(config, args.out, progress=False, callbacks=[EncoderClock()]).fit(overwrite=True)
+    trainer = Trainer(config, args.out, progress=False)
+    steps = -(-len(trainer.task.train) // config.train.batch_size)  # the trainer keeps the last short batch
+    trainer = Trainer(config, args.out, task=trainer.task, progress=False, callbacks=[EncoderClock(steps)])
+    trainer.fit(overwrite=True)
     epochs = sorted(seconds)
     walls = {e: epoch_wall[e][-1] - epoch_wall[e][0] for e in epochs if len(epoch_wall[e]) > 1}
     result = {

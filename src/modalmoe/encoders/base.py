@@ -84,6 +84,10 @@ class Encoder(nn.Module):
         """x: [B, ...] (a list of strings for text); present: [B] bool; mask: [B, L] for
         sequences -> ``Tokens``. Rows of absent samples are not read."""
         batch = present.shape[0]
+        if bool(present.all()):  # the common case: no copy in, no scatter out
+            tokens, token_mask, losses = self.embed_with_losses(x, mask)
+            tokens = (tokens + self.modality_embedding) * token_mask.unsqueeze(-1)
+            return Tokens(tokens, token_mask, losses)
         rows = present.nonzero().squeeze(1)
         if isinstance(x, list):
             kept = [x[i] for i in rows.tolist()]
