@@ -23,6 +23,7 @@ from modalmoe.config import ExperimentConfig, load_config, to_yaml
 from modalmoe.data.batch import ModalitySpec
 from modalmoe.data.formats import DataFormatError
 from modalmoe.data.tasks import is_bundled, load_task
+from modalmoe.data.tasks.mixture import layout
 from modalmoe.io import atomic_write_text
 from modalmoe.lock import DirectoryLock
 from modalmoe.model.lora import apply_lora
@@ -30,8 +31,12 @@ from modalmoe.model.multimodal import MultimodalModel, build_model
 from modalmoe.model.quantized import int8_structure
 
 
-def head_outputs(dataset) -> int | None:
-    """The prediction head's outputs for a training split: its classes, or its targets."""
+def head_outputs(dataset) -> int | dict[str, int] | None:
+    """The prediction head's outputs for a training split: its classes, or its targets; for a
+    task mixture, each member task's classes (one head per task)."""
+    parts = layout(dataset)
+    if parts is not None:
+        return dict(zip(parts.names, parts.sizes, strict=True))
     if dataset.task_type == "classification":
         return dataset.num_classes
     return 1 if dataset.target.dim() == 1 else dataset.target.shape[1]

@@ -13,8 +13,8 @@ import torch
 from rich.console import Console
 
 from modalmoe.bench.suites import SuiteConfig
-from modalmoe.data.batch import Task
 from modalmoe.data.folds import fold_task
+from modalmoe.data.splits import limit_task
 from modalmoe.efficiency.profile import profile_model
 from modalmoe.evaluate.runner import evaluate
 from modalmoe.lifelong import growth_callbacks
@@ -43,19 +43,6 @@ def suite_task(suite: SuiteConfig, task_file: str, fold: dict | None = None):
 
 def _limited_task(suite: SuiteConfig, task_file: str):
     return limit_task(experiment_task(cell_config(suite, task_file, suite.reference, 0)), suite.limit.get(task_file))
-
-
-def limit_task(task: Task, limit: int | None) -> Task:
-    """``task`` with at most ``limit`` samples per split (a seeded random subset; None: all)."""
-    if not limit:
-        return task
-    splits = {}
-    for name, data in task.splits.items():
-        if len(data) > limit:  # seeded random subset: bundled splits may be sorted by class
-            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:limit]
-            data = data.subset(order.sort().values)
-        splits[name] = data
-    return Task(name=task.name, splits=splits, description=task.description, provenance=task.provenance)
 
 
 def fit_sample(train, size: int = 512):

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 from sklearn.model_selection import train_test_split
+
+from modalmoe.data.batch import Task
 
 FRACTIONS = (0.7, 0.15, 0.15)
 
@@ -37,3 +40,17 @@ def group_split(groups: np.ndarray, assignment: dict[str, list]) -> dict[str, np
     if missing:
         raise ValueError(f"groups {missing} are assigned to no split")
     return {split: np.flatnonzero(np.isin(groups, members)) for split, members in assignment.items()}
+
+
+def limit_task(task: Task, limit: int | None) -> Task:
+    """``task`` with at most ``limit`` samples per split (a seeded random subset, in the split's
+    order; None or 0: all). The same subset every time, so runs of one suite stay paired."""
+    if not limit:
+        return task
+    splits = {}
+    for name, data in task.splits.items():
+        if len(data) > limit:  # a random subset: bundled splits may be sorted by class
+            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:limit]
+            data = data.subset(order.sort().values)
+        splits[name] = data
+    return Task(name=task.name, splits=splits, description=task.description, provenance=task.provenance)

@@ -3,6 +3,9 @@
 - ``classification``: logits ``[B, C]`` (cross-entropy);
 - ``multilabel``: logits ``[B, C]``, one independent label each (binary cross-entropy);
 - ``regression``: ``[B]`` for one target, ``[B, C]`` for several (MSE);
+- ``TaskHeads``: one classification head per member of a task mixture
+  (``modalmoe.data.tasks.mixture``), each over its own classes; a sample's logits are its own
+  task's, every other task's classes held at the lowest finite value;
 - the embedding head: one projection per modality of that modality's pooled representation,
   L2-normalised, for contrastive training and cross-modal retrieval (CLIP's towers).
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -36,10 +40,52 @@ class Head(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.linear = nn.Linear(dim, outputs)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: [B, D] -> [B, outputs] ([B] for a single regression target)."""
+    def forward(self, x: Tensor, task: Tensor | None = None) -> Tensor:
+        """x: [B, D] -> [B, outputs] ([B] for a single regression target); one head serves
+        every sample, so ``task`` is not read."""
         y = self.linear(self.norm(x))
         return y.squeeze(-1) if self.kind == "regression" and self.outputs == 1 else y
+
+
+class TaskHeads(nn.Module):
+    """One classification head per task of a mixture, side by side in the mixture's labels.
+
+    Args:
+        dim: input width D.
+        tasks: task label -> its number of classes, in the mixture's task-id order (task i's
+            classes are the labels after those of tasks 0..i-1).
+    """
+
+    kind = "classification"
+
+    def __init__(self, *, dim: int, tasks: dict[str, int]) -> None:
+        super().__init__()
+        if not tasks or any(int(n) < 1 for n in tasks.values()):
+            raise ValueError(f"task heads need each task's number of classes (>= 1), got {tasks!r}")
+        self.sizes = {str(k): int(v) for k, v in tasks.items()}
+        self.outputs = sum(self.sizes.values())
+        self.heads = nn.ModuleList(Head(kind="classification", dim=dim, outputs=n) for n in self.sizes.values())
+        owner = torch.repeat_interleave(torch.arange(len(self.sizes)), torch.tensor(list(self.sizes.values())))
+        self.register_buffer("owner", owner, persistent=False)  # [C] the task each label belongs to
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.sizes)
+
+    def forward(self, x: Tensor, task: Tensor | None = None) -> Tensor:
+        """x: [B, D], task: [B] task ids -> [B, C] logits, each row its own task's head's
+        logits in its classes and the dtype's lowest finite value elsewhere."""
+        if task is None:
+            raise ValueError(
+                "a model with one head per task needs each sample's task id (batch.meta['task'], as a task "
+                "mixture's batches carry it)"
+            )
+        logits = torch.cat([head(x) for head in self.heads], dim=-1)  # [B, C]: each head on every row
+        own = self.owner.unsqueeze(0) == task.unsqueeze(1)  # [B, C]
+        return logits.masked_fill(~own, torch.finfo(logits.dtype).min)
+
+    def extra_repr(self) -> str:
+        return f"tasks={self.sizes}"
 
 
 class EmbeddingHead(nn.Module):

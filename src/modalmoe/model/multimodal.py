@@ -32,7 +32,7 @@ from modalmoe.data.batch import MultimodalBatch, MultimodalDataset
 from modalmoe.encoders import Encoder, Tokens, encoders, sinusoidal_positions
 from modalmoe.model.blocks import TrunkShape
 from modalmoe.model.fusion import Fusion, fusions
-from modalmoe.model.heads import EmbeddingHead, Head
+from modalmoe.model.heads import EmbeddingHead, Head, TaskHeads
 from modalmoe.model.missing import MissingBank, check_some_present, modality_dropout
 from modalmoe.model.reduction import build_token_reduction
 from modalmoe.moe.routers import routers
@@ -250,7 +250,14 @@ class MultimodalModel(nn.Module):
             streams = self.bank(streams, present)
         head, index = self.task_head(task)
         task_ids = None
-        if self.tasks:  # which task each sample is for, read by experts reserved by task
+        if isinstance(head, TaskHeads):  # a task mixture: each sample says which task it is for
+            task_ids = batch.meta.get("task")
+            if task_ids is None:
+                raise ValueError(
+                    f"this model has one head per task ({head.names}): its batches need meta['task'], "
+                    "each sample's task id (batches of a task mixture carry it)"
+                )
+        elif self.tasks:  # which task each sample is for, read by experts reserved by task
             first = streams[0].x
             current = len(self.tasks) - 1 if index is None else index
             task_ids = torch.full((first.shape[0],), current, dtype=torch.long, device=first.device)
@@ -258,7 +265,7 @@ class MultimodalModel(nn.Module):
         weight = fused.present.to(fused.pooled.dtype).unsqueeze(-1)
         vector = (fused.pooled * weight).sum(1) / weight.sum(1).clamp_min(1.0)
         return ModelOutput(
-            logits=None if head is None else head(vector),
+            logits=None if head is None else head(vector, task_ids),
             fused=vector,
             pooled=fused.pooled,
             present=fused.present,
@@ -281,8 +288,11 @@ class MultimodalModel(nn.Module):
         return self.task_heads[task], names.index(task)
 
 
-def moe_arguments(config: ModelConfig, modalities: list[str]) -> dict | None:
-    """``build_moe_layer`` arguments from the config (None for a dense model)."""
+def moe_arguments(config: ModelConfig, modalities: list[str], *, tasks: list[str] | None = None) -> dict | None:
+    """``build_moe_layer`` arguments from the config (None for a dense model).
+
+    ``tasks``: the member labels of a task mixture (in task-id order), which experts reserved
+    by task name; else the tasks of a model grown task by task (``config.tasks``)."""
     moe = config.moe
     if not moe.every:
         return None
@@ -294,7 +304,8 @@ def moe_arguments(config: ModelConfig, modalities: list[str]) -> dict | None:
     if moe.reserved.modalities:
         reserved["modality"] = (tuple(modalities), moe.reserved.modalities)
     if moe.reserved.tasks:
-        reserved["task"] = (tuple(t.name for t in config.tasks), moe.reserved.tasks)
+        names = tuple(tasks) if tasks else tuple(t.name for t in config.tasks)
+        reserved["task"] = (names, moe.reserved.tasks)
     expert_hidden = moe.expert_hidden or max(1, config.hidden // (moe.k + moe.shared_experts))
     args = dict(
         num_experts=moe.num_experts,
@@ -321,7 +332,7 @@ def build_model(
     specs: Mapping,
     *,
     task_type: str = "classification",
-    outputs: int | None = None,
+    outputs: int | Mapping[str, int] | None = None,
 ) -> MultimodalModel:
     """Component builder: a ``MultimodalModel`` for a task's modalities.
 
@@ -329,9 +340,16 @@ def build_model(
         config: the model config.
         specs: modality name -> ``ModalitySpec`` (``task.specs``).
         task_type: "classification" or "regression" (picks the head unless ``config.head.kind``).
-        outputs: classes, labels or regression targets (None: 1, for regression).
+        outputs: classes, labels or regression targets (None: 1, for regression); a mapping
+            task label -> classes builds one head per task of a task mixture (``TaskHeads``;
+            ``modalmoe.data.tasks.mixture``), whose samples carry their task id.
     """
     names = list(specs)
+    if isinstance(outputs, Mapping) and config.tasks:
+        raise ValueError(
+            "a task mixture's model (one head per member task) cannot also be grown task by task "
+            "(model.tasks); train the mixture with every task instead"
+        )
     unknown = sorted(set(config.encoders) - set(names))
     if unknown:
         raise ValueError(f"config has encoders for {unknown}, which the task does not have (it has {names})")
@@ -340,7 +358,7 @@ def build_model(
         choice = config.encoders.get(name)
         kind = (choice.name if choice and choice.name else None) or DEFAULT_ENCODER.get(spec.kind, spec.kind)
         built[name] = encoders.create(kind, spec=spec, dim=config.dim, **(choice.options if choice else {}))
-    moe = moe_arguments(config, names)
+    moe = moe_arguments(config, names, tasks=list(outputs) if isinstance(outputs, Mapping) else None)
     shape = TrunkShape(
         dim=config.dim,
         depth=config.depth,
@@ -359,10 +377,16 @@ def build_model(
         extra["reduction"] = reduction
     fusion = fusions.create(config.fusion.name, modalities=names, shape=shape, **extra)
     kind = config.head.kind or ("classification" if task_type == "classification" else "regression")
-    if outputs is None:
+    if isinstance(outputs, Mapping):
+        if kind != "classification":
+            raise ValueError(f"one head per task is for classification mixtures, not a {kind} head")
+        head = TaskHeads(dim=config.dim, tasks=dict(outputs))
+    elif outputs is None:
         if kind != "regression":
             raise ValueError(f"a {kind} head needs `outputs` (the number of classes or labels)")
         outputs = 1
+    if not isinstance(outputs, Mapping):
+        head = Head(kind=kind, dim=config.dim, outputs=outputs)
     if config.tasks and (config.tasks[-1].kind, config.tasks[-1].outputs) != (kind, outputs):
         current = config.tasks[-1]
         raise ValueError(
@@ -372,7 +396,7 @@ def build_model(
     model = MultimodalModel(
         encoders=built,
         fusion=fusion,
-        head=Head(kind=kind, dim=config.dim, outputs=outputs),
+        head=head,
         embedding_head=None
         if config.head.embed_dim is None
         else EmbeddingHead(modalities=names, dim=config.dim, embed_dim=config.head.embed_dim),

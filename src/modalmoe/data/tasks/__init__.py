@@ -126,4 +126,4 @@ def _load_task(name: str, *, cache=None, wheelhouse=None, refresh: bool = False,
     return task.load(cache=cache, wheelhouse=wheelhouse, refresh=refresh)
 
 
-from modalmoe.data.tasks import av_digits, clothing_reviews, easy_vqa, mfeat, synthetic, watch_imu  # noqa: E402,F401
+from modalmoe.data.tasks import av_digits, clothing_reviews, easy_vqa, mfeat, mixture, synthetic, watch_imu  # noqa: E402,F401
