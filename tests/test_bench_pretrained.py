@@ -11,9 +11,9 @@ import torch
 from modalmoe.bench.cells import plan_cells
 from modalmoe.bench.store import ResultsStore
 from modalmoe.bench.suites import SuiteConfig, UpcycleProtocol, load_suite
-from modalmoe.data.splits import limit_task
 from modalmoe.cli import main
 from modalmoe.data import load_task
+from modalmoe.data.splits import limit_task
 from modalmoe.model.presets import get_preset
 
 

@@ -14,6 +14,8 @@ def router_kwargs(name: str) -> dict:
         return {"modalities": ("a", "b")}
     if name == "token_choice":
         return {"k": 2}
+    if name in ("per_task", "task_film"):
+        return {"tasks": ("only",)}
     return {}
 
 

@@ -11,7 +11,12 @@ from modalmoe.moe.routers import routers
 
 D, E = 8, 6
 MASKED = [name for name in routers.names() if routers.get(name).accepts_mask]
-OPTIONS = {"per_modality": {"modalities": ("a", "b")}, "expert_choice": {"experts_per_token": 2.0}}
+OPTIONS = {
+    "per_modality": {"modalities": ("a", "b")},
+    "expert_choice": {"experts_per_token": 2.0},
+    "per_task": {"tasks": ("t1", "t2")},
+    "task_film": {"tasks": ("t1", "t2")},
+}
 
 
 def layer(router, seed=0, **kwargs):
@@ -38,7 +43,7 @@ def chosen(record):
 
 
 def test_the_masked_routers_are_the_top_k_routers():
-    assert set(MASKED) == {"token_choice", "expert_choice", "per_modality"}
+    assert set(MASKED) == {"token_choice", "expert_choice", "per_modality", "per_task", "task_film"}
 
 
 @pytest.mark.parametrize("router", MASKED)
@@ -46,7 +51,8 @@ def test_experts_reserved_for_a_modality_are_never_chosen_by_another(router):
     moe = layer(router, reserved={"modality": (("a", "b"), {"b": [4, 5]})})
     favour_last_two(moe)
     x, modality = torch.randn(200, D), torch.arange(200) % 2
-    record = moe(x, modality=modality).record
+    task = {"task": torch.arange(200) % 2} if moe.router.accepts_task else {}  # routers over two tasks need ids
+    record = moe(x, modality=modality, **task).record
     picked = chosen(record)
     assert not picked[modality == 0][:, 4:].any()
     assert picked[modality == 1][:, 4:].any()
@@ -76,7 +82,8 @@ def test_without_reservations_routing_is_bit_identical_to_the_plain_layer(router
     x, modality = torch.randn(50, D), torch.arange(50) % 2
     plain, empty = layer(router, seed=1), layer(router, seed=1, reserved={"modality": (("a", "b"), {})})
     assert not empty.masks
-    a, b = plain(x, modality=modality), empty(x, modality=modality)
+    task = {"task": torch.arange(50) % 2} if plain.router.accepts_task else {}
+    a, b = plain(x, modality=modality, **task), empty(x, modality=modality, **task)
     assert torch.equal(a.x, b.x) and torch.equal(a.record.expert_index, b.record.expert_index)
     assert torch.equal(a.record.valid, b.record.valid) and torch.equal(a.record.weight, b.record.weight)
 

@@ -70,6 +70,8 @@ ORACLE_ROUTER_KWARGS = {
     "modality_experts": {"modalities": MODALITIES, "k": 2},
     "per_modality": {"modalities": MODALITIES, "k": 2},
     "hierarchical": {"modalities": MODALITIES, "groups": 2, "k": 2},
+    "per_task": {"tasks": ("only",), "k": 2},
+    "task_film": {"tasks": ("only",), "k": 2},
 }
 
 
@@ -176,6 +178,7 @@ def test_fallback_layout_cost_model_picks_block_for_balanced_and_tail_for_skew()
 def test_gradients_reach_router_weights():
     for name in routers.names():
         kw = {"modalities": ("a", "b")} if name in ("modality_experts", "per_modality", "hierarchical") else {}
+        kw = {"tasks": ("only",)} if name in ("per_task", "task_film") else kw
         torch.manual_seed(3)
         layer = build_moe_layer(dim=D, hidden=H, num_experts=4, router=name, **kw)
         x = torch.randn(3, 5, D)

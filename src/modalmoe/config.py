@@ -514,6 +514,20 @@ class UpcycleConfig(_Strict):
     shared_fraction: float | None = Field(None, ge=0.0, le=1.0)
 
 
+class SamplerConfig(_Strict):
+    """Which samples each epoch visits (``modalmoe.train.samplers``): how the epoch's draws are
+    shared among the tasks of a task mixture.
+
+    Attributes:
+        name: ``proportional`` (every sample once, the default), ``uniform`` (each task the same
+            share) or ``temperature`` (task shares proportional to ``n ** (1 / temperature)``).
+        options: the sampler's own arguments (``temperature``).
+    """
+
+    name: str = "proportional"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
 class TrainConfig(_Strict):
     """How to train.
 
@@ -543,6 +557,8 @@ class TrainConfig(_Strict):
             (``GrowConfig``); None: a plain run. Omitted from dumps while None.
         upcycle: this MoE run starts from the dense run ``init_from`` by sparse upcycling
             (``UpcycleConfig``); None: no upcycling.
+        sampler: the order of each epoch's samples (``SamplerConfig``; for a task mixture,
+            how often each task is drawn).
     """
 
     epochs: int = Field(30, ge=1)
@@ -565,6 +581,7 @@ class TrainConfig(_Strict):
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
     grow: GrowConfig | None = None
     upcycle: UpcycleConfig | None = None
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
 
     @model_validator(mode="after")
     def _grow_needs_a_run(self) -> TrainConfig:

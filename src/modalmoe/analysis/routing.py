@@ -64,6 +64,7 @@ def concat_records(records: list[RoutingRecord], sample_offsets: list[int] | Non
         valid=cat("valid"),
         num_experts=records[0].num_experts,
         capacity=max(capacities) if capacities else None,
+        task=cat("task") if all(r.task is not None for r in records) else None,
     )
 
 

@@ -24,9 +24,11 @@ from torch import Tensor
 
 from modalmoe.data.batch import MultimodalDataset
 from modalmoe.data.corrupt import LEVELS, NOISE_STD, add_noise, feature_std
+from modalmoe.data.tasks.mixture import layout as mixture_layout
 from modalmoe.evaluate.metrics import METRICS, PRIMARY, task_metrics
 from modalmoe.evaluate.retrieval import cross_modal_retrieval
 from modalmoe.evaluate.robustness import effective_robustness, modality_subsets, relative_robustness
+from modalmoe.evaluate.tasks import TaskScore, majority_rates, mean_normalised, task_scores
 from modalmoe.model.multimodal import MultimodalModel
 
 ALL = "all"
@@ -121,6 +123,8 @@ class EvalReport:
         retrieval: (query modality, gallery modality) -> retrieval metrics and ``samples``.
         nonfinite: samples of the all-modality row whose outputs are NaN or infinite (a
             broken model or out-of-range inputs; their metrics mean nothing).
+        tasks: for a task mixture, each member scored alone (``modalmoe.evaluate.tasks``).
+        mean_normalised: for a task mixture, the mean of the members' normalised scores.
     """
 
     kind: str | None
@@ -134,6 +138,8 @@ class EvalReport:
     robustness: list[Robustness] = field(default_factory=list)
     retrieval: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
     nonfinite: int = 0
+    tasks: list[TaskScore] = field(default_factory=list)
+    mean_normalised: float | None = None
 
     def to_dict(self) -> dict:
         """A JSON-safe dict (NaN and infinities become None)."""
@@ -154,6 +160,11 @@ class EvalReport:
                 ],
                 "robustness": [vars(r) for r in self.robustness],
                 "retrieval": [{"query": a, "gallery": b, **m} for (a, b), m in self.retrieval.items()],
+                **(
+                    {"tasks": [vars(t) for t in self.tasks], "mean_normalised": self.mean_normalised}
+                    if self.tasks
+                    else {}
+                ),
             }
         )
 
@@ -161,6 +172,22 @@ class EvalReport:
         """Print the report as rich tables: subsets, noise and robustness, retrieval."""
         console = console or Console()
         names = list(METRICS.get(self.kind, ()))
+        if self.tasks:
+            table = Table(title="Tasks of the mixture (each in its own classes)", title_justify="left")
+            for column in ("task", "samples", *names, "majority", "reference", "normalised"):
+                table.add_column(column, justify="left" if column == "task" else "right")
+            for t in self.tasks:
+                reference = f"{t.reference:.4f} ({t.reference_kind})"
+                table.add_row(
+                    t.task,
+                    str(t.samples),
+                    *_cells(t.metrics, names),
+                    _format(t.majority),
+                    reference,
+                    _format(t.normalised),
+                )
+            console.print(table)
+            console.print(f"mean normalised score: {_format(self.mean_normalised)}", highlight=False)
         table = Table(title="Modality subsets", title_justify="left")
         for column in ("modalities", "samples", *names):
             table.add_column(column, justify="left" if column == "modalities" else "right")
@@ -273,6 +300,7 @@ def evaluate(
     batch_size: int = 256,
     ks: Sequence[int] = (1, 5, 10),
     task: str | None = None,
+    specialists: Mapping[str, float] | None = None,
 ) -> EvalReport:
     """Evaluate a model on a split.
 
@@ -285,6 +313,9 @@ def evaluate(
        over ``0 + noise_levels`` for each, and its effective robustness where ``reference``
        gives a reference curve (e.g. a late-fusion model's ``Robustness.scores``).
     4. Cross-modal retrieval when the model outputs embeddings.
+    5. For a task mixture (``modalmoe.data.tasks.mixture``): each member task scored alone
+       and the mean normalised score (``modalmoe.evaluate.tasks``); the modality subsets are
+       then each member's subsets of its own modalities (not every subset of the union).
 
     Args:
         model: a fitted ``MultimodalModel``.
@@ -302,6 +333,8 @@ def evaluate(
         ks: recall cut-offs for retrieval.
         task: for a model grown by ``add_task``, the task to evaluate (its head and routing;
             ``dataset`` must be that task's data); None: the current task.
+        specialists: for a task mixture, member -> its best specialist's accuracy, the top of
+            each member's normalised scale (a member left out is normalised to 1.0).
 
     Returns:
         The ``EvalReport``.
@@ -313,8 +346,16 @@ def evaluate(
     full = predict(model, dataset, batch_size=batch_size, task=task)
     report = EvalReport(kind, metric, mode, model.modalities, len(full), _metrics(full, kind))
     report.nonfinite = nonfinite_rows(full.logits)
+    parts = mixture_layout(dataset) if kind == "classification" else None
+    if parts is not None and full.logits is not None and len(full):
+        ids = torch.as_tensor(dataset.extras["task"]).reshape(-1)
+        majority = majority_rates(parts, train_scale if train_scale is not None else dataset, dataset)
+        report.tasks = task_scores(
+            full.logits, full.target, ids[full.index], parts, majority=majority, reference=specialists
+        )
+        report.mean_normalised = mean_normalised(report.tasks)
     if subsets:
-        for subset in modality_subsets(model.modalities):
+        for subset in _subsets(model.modalities, dataset, parts is not None):
             pred = (
                 full
                 if list(subset) == model.modalities
@@ -338,6 +379,20 @@ def evaluate(
         present = {m: full.present[:, i] for i, m in enumerate(full.modalities)}
         report.retrieval = cross_modal_retrieval(full.embeddings, present, ks)
     return report
+
+
+def _subsets(modalities: list[str], dataset: MultimodalDataset, mixture: bool) -> list[tuple[str, ...]]:
+    """The modality subsets to evaluate: every subset of the model's modalities, or for a task
+    mixture each member's subsets of the modalities its samples carry (full set first)."""
+    if not mixture:
+        return modality_subsets(modalities)
+    ids = torch.as_tensor(dataset.extras["task"]).reshape(-1)
+    out = [tuple(modalities)]
+    for t in torch.unique(ids).tolist():
+        rows = ids == t
+        own = [m for m in modalities if m in dataset.present and bool(dataset.present[m][rows].any())]
+        out.extend(s for s in modality_subsets(own) if s not in out)
+    return out
 
 
 def _metrics(pred: Predictions, kind: str | None) -> dict[str, float]:

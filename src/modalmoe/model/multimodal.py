@@ -300,12 +300,19 @@ def moe_arguments(config: ModelConfig, modalities: list[str], *, tasks: list[str
     accepts = inspect.signature(routers.get(moe.router)).parameters
     if "modalities" in accepts and "modalities" not in options:
         options["modalities"] = tuple(modalities)
+    task_names = tuple(tasks) if tasks else tuple(t.name for t in config.tasks)
+    if "tasks" in accepts and "tasks" not in options:
+        if not task_names:
+            raise ValueError(
+                f"router {moe.router!r} conditions on the task, and this model serves one task: train it on a "
+                "task mixture (task: mixture, task_options: {tasks: [...]}) or pick a task-agnostic router"
+            )
+        options["tasks"] = task_names
     reserved = {}
     if moe.reserved.modalities:
         reserved["modality"] = (tuple(modalities), moe.reserved.modalities)
     if moe.reserved.tasks:
-        names = tuple(tasks) if tasks else tuple(t.name for t in config.tasks)
-        reserved["task"] = (names, moe.reserved.tasks)
+        reserved["task"] = (task_names, moe.reserved.tasks)
     expert_hidden = moe.expert_hidden or max(1, config.hidden // (moe.k + moe.shared_experts))
     args = dict(
         num_experts=moe.num_experts,

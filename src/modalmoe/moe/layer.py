@@ -125,8 +125,9 @@ class MoELayer(nn.Module):
             sample: sample id per token (default: the row of a [B, N, D] input, else all 0).
             mask: True for real tokens (default: all); padding is neither routed nor recorded,
                 and comes out as 0.
-            task: task id per token, shaped like ``modality``; read only by a ``"task"``
-                expert mask (None: the layer has none).
+            task: task id per token, shaped like ``modality``; read by a ``"task"`` expert
+                mask and by routers that condition on the task (``accepts_task``), and
+                recorded (None: the batch has no task ids).
 
         Returns:
             ``MoEOutput`` with ``x`` shaped like the input.
@@ -151,11 +152,10 @@ class MoELayer(nn.Module):
             tokens, modality, sample = tokens[keep], modality[keep], sample[keep]
             task = None if task is None else task[keep]
 
+        given = {"task": task} if self.router.accepts_task else {}
         if self.masks:
-            allowed = combined(self.masks, {"modality": modality, "task": task})
-            routing = self.router(tokens, modality, sample, allowed=allowed)
-        else:
-            routing = self.router(tokens, modality, sample)
+            given["allowed"] = combined(self.masks, {"modality": modality, "task": task})
+        routing = self.router(tokens, modality, sample, **given)
         if self.uniform:
             if routing.soft is not None or routing.valid is not None:
                 raise ValueError(
@@ -195,6 +195,7 @@ class MoELayer(nn.Module):
             logits=routing.logits,
             modality=modality,
             sample=sample,
+            task=task,
             dropped=dropped,
             valid=valid,
             num_experts=self.router.num_experts,  # the router's experts (a merged bank has fewer)

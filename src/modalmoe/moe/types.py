@@ -70,6 +70,7 @@ class RoutingRecord:
         valid: [T, k] choices that were made (see ``Routing.valid``).
         num_experts: E.
         capacity: tokens per expert allowed, or None when dropless.
+        task: [T] task id per token (a task mixture's samples), or None.
     """
 
     expert_index: Tensor
@@ -82,6 +83,7 @@ class RoutingRecord:
     valid: Tensor
     num_experts: int
     capacity: int | None = None
+    task: Tensor | None = None
 
     @property
     def num_dropped(self) -> int:

@@ -57,6 +57,7 @@ from modalmoe.train.distributed import NullLog, Parallel, setup_parallel, torchr
 from modalmoe.train.init import init_from_run
 from modalmoe.train.progress import Progress
 from modalmoe.train.resume import extensions
+from modalmoe.train.samplers import samplers
 
 
 class TrainingError(RuntimeError):
@@ -91,11 +92,6 @@ def warmup_cosine(total_steps: int, warmup: float, min_ratio: float):
 def seed_everything(seed: int) -> None:
     """Seed torch (the only RNG the library draws from)."""
     torch.manual_seed(seed)
-
-
-def epoch_order(num_samples: int, seed: int, epoch: int) -> Tensor:
-    """The training order of an epoch: a permutation that depends only on (seed, epoch)."""
-    return torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
 @dataclass
@@ -280,6 +276,8 @@ class Trainer:
         forward_model = parallel.prepare(model)
         module = nn.ModuleDict({"model": model, "objectives": objectives})
         optimizer = self._optimizer(module)
+        # An unknown sampler or option fails here, before any training (the registry names them).
+        samplers.create(cfg.sampler.name, dataset=train, seed=cfg.seed, epoch=0, **cfg.sampler.options)
         batches_per_epoch = math.ceil(len(train) / cfg.batch_size)
         total_steps = cfg.epochs * math.ceil(batches_per_epoch / cfg.accumulate)
         # Resuming with more epochs stretches the schedule from here on: the lambda is not saved.
@@ -364,7 +362,7 @@ class Trainer:
         evaluation when due, then the last checkpoint."""
         cfg, progress, train = self.config.train, loop.progress, self.task.train
         epoch = progress.epoch
-        order = epoch_order(len(train), cfg.seed, epoch)
+        order = samplers.create(cfg.sampler.name, dataset=train, seed=cfg.seed, epoch=epoch, **cfg.sampler.options)
         loop.module.train()
         micro = 0
         for index in range(progress.batch, loop.batches_per_epoch):

@@ -101,14 +101,20 @@ def _members(spec) -> dict[str, tuple[str, dict]]:
         if isinstance(source, Mapping):  # {name: synthetic, options: {...}}
             unknown = sorted(set(source) - {"name", "options"})
             if "name" not in source or unknown:
-                raise ValueError(f"mixture: a member given as a mapping has keys name and options, got {sorted(source)}")
+                raise ValueError(
+                    f"mixture: a member given as a mapping has keys name and options, got {sorted(source)}"
+                )
             source, options = source["name"], dict(source.get("options") or {})
         source = str(source)
         label = str(label) if label is not None else source.rstrip("/").rsplit("/", 1)[-1]
         if SEP in label or not label:
-            raise ValueError(f"mixture: member label {label!r} may not contain {SEP!r}; name it (tasks: {{label: path}})")
+            raise ValueError(
+                f"mixture: member label {label!r} may not contain {SEP!r}; name it (tasks: {{label: path}})"
+            )
         if label in members:
-            raise ValueError(f"mixture: two members are labelled {label!r}; give them labels (tasks: {{a: ..., b: ...}})")
+            raise ValueError(
+                f"mixture: two members are labelled {label!r}; give them labels (tasks: {{a: ..., b: ...}})"
+            )
         members[label] = (source, options)
     return members
 
@@ -118,17 +124,23 @@ def _shared(share: Mapping[str, Sequence[str]] | None, specs: Mapping[str, Modal
     if share is None:
         return {}
     if not isinstance(share, Mapping):
-        raise ValueError(f"mixture: share maps a shared modality to member modalities (image: [a/image, b/image]), got {share!r}")
+        raise ValueError(
+            f"mixture: share maps a shared modality to member modalities (image: [a/image, b/image]), got {share!r}"
+        )
     target: dict[str, str] = {}
     for name, sources in share.items():
         name = str(name)
         if isinstance(sources, str) or not isinstance(sources, Sequence) or not sources:
-            raise ValueError(f"mixture: share.{name} lists member modalities such as [a/image, b/image], got {sources!r}")
+            raise ValueError(
+                f"mixture: share.{name} lists member modalities such as [a/image, b/image], got {sources!r}"
+            )
         if name in specs and name not in sources:
             raise ValueError(f"mixture: share.{name} would hide the member modality {name!r}; pick another name")
         for source in sources:
             if source not in specs:
-                raise ValueError(f"mixture: share.{name} names {source!r}, not a member modality; they are {sorted(specs)}")
+                raise ValueError(
+                    f"mixture: share.{name} names {source!r}, not a member modality; they are {sorted(specs)}"
+                )
             if source in target:
                 raise ValueError(f"mixture: {source!r} is shared twice (as {target[source]!r} and {name!r})")
             first, spec = specs[sources[0]], specs[source]
@@ -146,7 +158,9 @@ def make_mixture(members: Mapping[str, Task], share=None) -> Task:
     specs: dict[str, ModalitySpec] = {}
     for label, task in members.items():
         if task.train.task_type != "classification":
-            raise ValueError(f"mixture: member {label!r} is a {task.train.task_type} task; a mixture joins classification tasks")
+            raise ValueError(
+                f"mixture: member {label!r} is a {task.train.task_type} task; a mixture joins classification tasks"
+            )
         for name, spec in task.specs.items():
             specs[f"{label}{SEP}{name}"] = ModalitySpec(
                 name=f"{label}{SEP}{name}",
@@ -192,7 +206,7 @@ def _join(parts, specs, into, mixture_specs, classes) -> MultimodalDataset:
     for index, (label, data) in enumerate(parts):
         n = len(data)
         own = {into.get(f"{label}{SEP}{m}", f"{label}{SEP}{m}"): m for m in data.specs}
-        for name, spec in mixture_specs.items():
+        for name in mixture_specs:
             if name in own:
                 value = data.inputs[own[name]]
                 flags = data.present[own[name]]
@@ -210,7 +224,9 @@ def _join(parts, specs, into, mixture_specs, classes) -> MultimodalDataset:
     for name, spec in mixture_specs.items():
         chunks = inputs[name]
         if spec.kind == "text":
-            joined[name] = [v for chunk, n in zip(chunks, sizes, strict=True) for v in (chunk if chunk is not None else [""] * n)]
+            joined[name] = [
+                v for chunk, n in zip(chunks, sizes, strict=True) for v in (chunk if chunk is not None else [""] * n)
+            ]
             continue
         real = [c for c in chunks if c is not None]
         if spec.variable_length:

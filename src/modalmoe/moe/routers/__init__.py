@@ -14,7 +14,9 @@ from modalmoe.moe.routers import (  # noqa: E402, F401
     hierarchical,
     modality_experts,
     per_modality,
+    per_task,
     soft,
+    task_film,
     token_choice,
 )
 from modalmoe.moe.routers.base import Router  # noqa: E402

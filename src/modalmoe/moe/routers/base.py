@@ -2,7 +2,8 @@
 
 The router contract: ``(x [T, D], modality [T], sample [T]) -> Routing``. Routers that
 declare ``accepts_mask`` also take ``allowed`` [T, E], the experts each token may use
-(``modalmoe.moe.masks``), and never route a token to another. Routers never touch expert
+(``modalmoe.moe.masks``), and never route a token to another; routers that declare
+``accepts_task`` also take ``task`` [T], each token's task id (None outside a task mixture). Routers never touch expert
 weights and hold no per-pass state: what a pass is for arrives as an argument.
 """
 
@@ -42,6 +43,10 @@ class Router(nn.Module):
 
     #: Whether ``forward`` takes ``allowed`` [T, E] (an expert mask, ``modalmoe.moe.masks``).
     accepts_mask: bool = False
+
+    #: Whether ``forward`` takes ``task`` [T], each token's task id (a task mixture's samples
+    #: carry it), so the router can condition on the task as others do on the modality.
+    accepts_task: bool = False
 
     @property
     def min_open(self) -> int:
@@ -129,8 +134,41 @@ def mask_logits(logits: Tensor, allowed: Tensor | None) -> Tensor:
 
 def check_modality_ids(modality: Tensor, num_modalities: int) -> None:
     """Modality ids must index the router's declared modalities."""
-    if modality.numel() and (int(modality.min()) < 0 or int(modality.max()) >= num_modalities):
+    check_ids(modality, num_modalities, "modality", "modalities")
+
+
+def check_ids(ids: Tensor, count: int, name: str, plural: str) -> None:
+    """Group ids (modality, task) must index the router's ``count`` declared groups."""
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= count):
         raise ValueError(
-            f"modality ids must be in [0, {num_modalities}) for this router's {num_modalities} modalities, "
-            f"got values in [{int(modality.min())}, {int(modality.max())}]"
+            f"{name} ids must be in [0, {count}) for this router's {count} {plural}, "
+            f"got values in [{int(ids.min())}, {int(ids.max())}]"
         )
+
+
+def task_ids(task: Tensor | None, tasks: tuple[str, ...], tokens: int, device: torch.device) -> Tensor:
+    """The task id of each of ``tokens`` tokens for a router that conditions on the task: the
+    layer's ``task`` [T], or all 0 for a router declared over one task."""
+    if task is None:
+        if len(tasks) == 1:
+            return torch.zeros(tokens, dtype=torch.long, device=device)
+        raise ValueError(
+            f"this router conditions on the task ({len(tasks)} tasks: {list(tasks)}) but got no task ids; "
+            "train it on a task mixture (task: mixture), whose batches carry meta['task']"
+        )
+    check_ids(task, len(tasks), "task", "tasks")
+    return task
+
+
+def grouped_logits(x: Tensor, group: Tensor, weight: Tensor, gating: str) -> Tensor:
+    """Router logits from one gate per group (modality or task).
+
+    x: [T, D], group: [T] ids into ``weight`` [G, E, D] -> [T, E]. One small matmul per group
+    present (G is a handful), not a [T, E, D] gather."""
+    logits = x.new_empty(x.shape[0], weight.shape[1])
+    for g in torch.unique(group).tolist():
+        rows = (group == g).nonzero().squeeze(-1)
+        xg = x.index_select(0, rows)
+        part = laplace_logits(xg, weight[g]) if gating == "laplace" else xg @ weight[g].t()
+        logits = logits.index_copy(0, rows, part)
+    return logits

@@ -15,8 +15,8 @@ from modalmoe.moe.routers.base import (
     Router,
     check_gating,
     check_modality_ids,
+    grouped_logits,
     jitter,
-    laplace_logits,
     mask_logits,
     top_k_gating,
 )
@@ -66,13 +66,6 @@ class PerModalityRouter(Router):
         may use (None: all)."""
         check_modality_ids(modality, len(self.modalities))
         x = jitter(x, self.jitter_eps, self.training)
-        logits = x.new_empty(x.shape[0], self.num_experts)
-        # One small matmul per modality present (M is 2-5), not a [T, E, D] gather.
-        for m in torch.unique(modality).tolist():
-            rows = (modality == m).nonzero().squeeze(-1)
-            xm = x.index_select(0, rows)
-            part = laplace_logits(xm, self.weight[m]) if self.gating == "laplace" else xm @ self.weight[m].t()
-            logits = logits.index_copy(0, rows, part)
-        logits = mask_logits(logits, allowed)
+        logits = mask_logits(grouped_logits(x, modality, self.weight, self.gating), allowed)
         index, weight, probs = top_k_gating(logits, self.k, gating=self.gating, normalize=self.normalize)
         return Routing(expert_index=index, weight=weight, probs=probs, logits=logits)
