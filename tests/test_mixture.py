@@ -9,8 +9,11 @@ import torch
 from modalmoe.config import ExperimentConfig
 from modalmoe.data.tasks import load_task
 from modalmoe.data.tasks.mixture import layout, make_mixture
+from modalmoe.encoders.base import Tokens
 from modalmoe.evaluate import evaluate
 from modalmoe.evaluate.tasks import majority_rates, mean_normalised, normalised, task_scores
+from modalmoe.model.blocks import TrunkShape
+from modalmoe.model.fusion import fusions
 from modalmoe.model.heads import TaskHeads
 from modalmoe.model.multimodal import build_model
 from modalmoe.moe import build_moe_layer, routers
@@ -205,4 +208,30 @@ def test_per_task_scores_and_the_normalised_scale():
     assert all(s.metrics["accuracy"] == 1.0 and s.normalised == pytest.approx(1.0) for s in scores)
     assert mean_normalised(scores) == pytest.approx(1.0)
     assert normalised(0.5, 0.5, 0.9) == 0.0 and normalised(0.7, 0.5, 0.5) is None
+    assert normalised(0.7, 0.5, 0.505) is None  # a reference within a point of the majority: no scale
     assert head_outputs(mix.train) == {"a": 2, "b": 3}
+
+
+@pytest.mark.parametrize("router", [None, "token_choice"])
+def test_early_fusion_runs_the_trunk_on_real_tokens_only_with_the_same_outputs(router):
+    """A mixture's sample carries few of the modalities: early fusion packs each row's real tokens
+    (the trunk never computes on the others' padding) and gives what the full layout gives."""
+    torch.manual_seed(0)
+    moe = None if router is None else {"num_experts": 4, "router": router, "k": 2}
+    shape = TrunkShape(dim=16, depth=2, heads=2, hidden=32, moe_every=1 if router else 0, moe=moe)
+    fusion = fusions.create("early", modalities=["a", "b", "c"], shape=shape).eval()
+    owner = torch.tensor([0, 1, 2, 0, 1])  # each row carries one modality (a task mixture's rows)
+    streams = []
+    for i, n in enumerate((3, 5, 2)):
+        mask = (owner == i).unsqueeze(1).expand(5, n).clone()
+        mask[0, -1] = mask[0, -1] & (i != 0)  # a row with padding inside its own modality too
+        streams.append(Tokens(torch.randn(5, n, 16) * mask.unsqueeze(-1), mask))
+    packed = fusion(streams)
+    x = torch.cat([s.x for s in streams], 1)
+    mask = torch.cat([s.mask for s in streams], 1)
+    modality = torch.cat([torch.full_like(s.mask, i, dtype=torch.long) for i, s in enumerate(streams)], 1)
+    full = fusion.trunk(x, mask, modality)
+    torch.testing.assert_close(torch.cat(packed.tokens, 1), full.x, rtol=1e-5, atol=1e-5)
+    if router is not None:
+        assert torch.equal(packed.records[0].expert_index, full.records[0].expert_index)
+        assert torch.equal(packed.records[0].modality, full.records[0].modality)

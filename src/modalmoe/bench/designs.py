@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modalmoe.bench.cells import planners
-from modalmoe.bench.compute import match_compute
+from modalmoe.bench.compute import match_compute, reference_budget
 from modalmoe.bench.suites import LOGREG, SuiteConfig, task_label
 from modalmoe.bench.training import (
     cell_config,
@@ -74,21 +74,7 @@ class DesignCell:
         fold = {} if self.fold is None else {"fold": self.fold_options}
         if self.design == LOGREG:
             return {**_logistic_regression(task, self.seed), **fold}
-        cfg = cell_config(suite, self.task, self.design, self.seed, self.fold_options)
-        matched = None
-        if budget is not None:
-            matched = match_compute(
-                cfg,
-                task.specs,
-                cost_batch(task, 16),
-                task_type=task.train.task_type,
-                outputs=head_outputs(task.train),
-                budget=budget,
-                mode=suite.match,
-                tolerance=suite.tolerance,
-                fit_data=fit_sample(task.train),
-            )
-            cfg = matched.config
+        cfg, matched = matched_config(suite, task, self.task, self.design, self.seed, budget, self.fold_options)
         if self.imbalance is not None:
             modality, fraction = self.imbalance
             train = imbalance(task.train, modality, fraction, seed=self.seed)
@@ -113,19 +99,54 @@ class DesignCell:
             "variants": variants,  # the runner stores each as its own record
             "skipped_variants": skipped,
             **trained_fields(cfg, run_dir, out, result, report, model, task),
-            "matched": None
-            if matched is None
-            else {
-                "field": matched.width_field,
-                "width": matched.width,
-                "target": matched.target,
-                "achieved": matched.achieved,
-                "relative_error": matched.relative_error,
-            },
+            "matched": matched,
             "train_seconds": round(train_seconds, 3),
             "eval_seconds": round(eval_seconds, 3),
             **fold,
         }
+
+
+def matched_config(suite: SuiteConfig, task, task_file: str, design: str, seed: int, budget, fold=None):
+    """A design cell's config solved to its budget: (config, the ``matched`` record field or None).
+
+    The suite's rule (``match`` against the task's ``budget``; None: not matched) unless
+    ``suite.match_designs`` gives the design its own: ``match: params, like: token-choice``
+    first solves ``token-choice`` to the task's budget, then this design to that model's
+    parameters."""
+    cfg = cell_config(suite, task_file, design, seed, fold)
+    rule = suite.match_designs.get(design)
+    mode, like = (suite.match, None) if rule is None else (rule.match, rule.like)
+    if budget is None or mode == "none":
+        return cfg, None
+    kw = dict(
+        task_type=task.train.task_type,
+        outputs=head_outputs(task.train),
+        tolerance=suite.tolerance,
+        fit_data=fit_sample(task.train),
+    )
+    batch = cost_batch(task, 16)
+    if like is not None:
+        other = cell_config(suite, task_file, like, seed, fold)
+        if suite.match != "none":
+            other = match_compute(other, task.specs, batch, budget=budget, mode=suite.match, **kw).config
+        budget = reference_budget(
+            other, task.specs, batch, mode=mode, **{k: kw[k] for k in ("task_type", "outputs", "fit_data")}
+        )
+    elif mode != suite.match:
+        reference = cell_config(suite, task_file, suite.reference, seed, fold)
+        budget = reference_budget(
+            reference, task.specs, batch, mode=mode, **{k: kw[k] for k in ("task_type", "outputs", "fit_data")}
+        )
+    found = match_compute(cfg, task.specs, batch, budget=budget, mode=mode, **kw)
+    return found.config, {
+        "field": found.width_field,
+        "width": found.width,
+        "mode": mode,
+        "like": like,
+        "target": found.target,
+        "achieved": found.achieved,
+        "relative_error": found.relative_error,
+    }
 
 
 @planners.register("designs")

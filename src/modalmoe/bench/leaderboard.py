@@ -69,6 +69,9 @@ def task_rows(records: list[dict], metric: str) -> list[Row]:
             continue
         # A lifelong row (``dense-early:audio``) is never the dense baseline: it sees fewer modalities.
         dense = design.startswith("dense-") and "+" not in design and ":" not in design
+        # A design matched to another design's cost (the parameter-matched dense control) is not
+        # the equal-FLOPs baseline either.
+        dense = dense and not any((r.get("matched") or {}).get("like") for r in recs)
         row = Row(design, values, summarize(list(values.values())), dense=dense)
         missing, rr = [], []
         for r in recs:

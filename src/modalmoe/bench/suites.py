@@ -266,6 +266,21 @@ class UpcycleProtocol(_Strict):
         return self.label if arm == "parent" else f"{self.label}>{arm}+{self.extra_epochs}"
 
 
+class DesignMatch(_Strict):
+    """How one design of a suite is compute-matched instead of by the suite's rule.
+
+    Attributes:
+        match: ``flops``, ``params`` or ``none`` (the preset's size).
+        like: a design of the suite whose compute-matched cost, in ``match`` units, is this
+            design's budget (``{match: params, like: token-choice}``: a dense model with as many
+            parameters as the FLOP-matched MoE, the parameter-matched control); None: the
+            task's budget in ``match`` units (the reference design's).
+    """
+
+    match: Literal["flops", "params", "none"]
+    like: str | None = None
+
+
 class SuiteConfig(_Strict):
     """A benchmark suite.
 
@@ -294,6 +309,10 @@ class SuiteConfig(_Strict):
         sequences: task sequences (``TaskSequenceProtocol``).
         upcycle: upcycling protocols (``UpcycleProtocol``), run over ``seeds`` like ``lifelong``, with
             ``limit``.
+        match_designs: design -> its own compute-matching rule (``DesignMatch``).
+        specialists: designs trained as specialists on every task mixture of ``tasks`` (one
+            model per member task, each with the width the design is matched to on the
+            mixture; ``bench/specialists.py``), the top of each member's normalised scale.
     """
 
     name: str
@@ -313,6 +332,8 @@ class SuiteConfig(_Strict):
     lifelong: list[LifelongProtocol] = Field(default_factory=list)
     sequences: list[TaskSequenceProtocol] = Field(default_factory=list)
     upcycle: list[UpcycleProtocol] = Field(default_factory=list)
+    match_designs: dict[str, DesignMatch] = Field(default_factory=dict)
+    specialists: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _known_parts(self) -> SuiteConfig:
@@ -333,10 +354,22 @@ class SuiteConfig(_Strict):
             ("task", [*[t for t in self.tasks if t not in data_dirs], *lifelong_tasks], known_tasks),
             ("design", [*self.designs, *(p.design for p in [*self.lifelong, *self.sequences])], known_designs),
             ("dense design", [p.dense for p in self.upcycle], known_designs),
+            ("specialist design", self.specialists, design_names()),
         ):
             unknown = [n for n in names if n not in known]
             if unknown:
                 raise ValueError(f"unknown {what}s {unknown}; known: {', '.join(known)}")
+        for design, rule in self.match_designs.items():
+            if design not in self.designs:
+                raise ValueError(
+                    f"match_designs names {design!r}, which is not one of the suite's designs {self.designs}"
+                )
+            if rule.like is not None and (rule.like not in self.designs or rule.like in (design, LOGREG)):
+                raise ValueError(
+                    f"match_designs.{design}.like must name another trained design of the suite, got {rule.like!r}"
+                )
+            if rule.like is not None and rule.like in self.match_designs:
+                raise ValueError(f"match_designs.{design}.like names {rule.like!r}, which has a rule of its own")
         if LOGREG in [p.design for p in [*self.lifelong, *self.sequences]]:
             raise ValueError(f"a lifelong protocol needs a trained design, not {LOGREG!r}")
         upcycle_labels = [(p.task, p.label) for p in self.upcycle]

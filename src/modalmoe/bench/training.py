@@ -53,9 +53,22 @@ def fit_sample(train, size: int = 512):
     return train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:size].sort().values)
 
 
+def cost_rows(data, size: int = 64):
+    """The rows whose cost the bench measures: the first ``size``; for a task mixture, the first
+    ``ceil(size / G)`` of each of its G members, so that every member's samples (their own
+    modalities and token counts) weigh equally in the FLOPs per sample."""
+    ids = data.extras.get("task")
+    if ids is None:
+        return torch.arange(min(size, len(data)))
+    ids = torch.as_tensor(ids)
+    groups = [(ids == t).nonzero().squeeze(-1) for t in torch.unique(ids).tolist()]
+    per = -(-size // len(groups))
+    return torch.cat([rows[:per] for rows in groups])
+
+
 def cost_batch(task, size: int = 64):
-    """The first ``size`` test samples: the batch whose cost compute matching measures."""
-    return task.test.batch(torch.arange(min(size, len(task.test))))
+    """The batch whose cost compute matching measures (``cost_rows`` of the test split)."""
+    return task.test.batch(cost_rows(task.test, size))
 
 
 def train_run(config, run_dir: Path, task, *, console: Console | None = None):
@@ -102,6 +115,8 @@ def trained_fields(config, run_dir: Path, out: Path, result, report, model, task
 def cost_fields(model, data) -> dict:
     """A trained model's cost fields of a bench record, measured by ``profile_model`` (the
     numbers ``modalmoe profile`` prints): FLOPs, parameters, latency, memory."""
+    if "task" in data.extras:  # a mixture: profile a batch with every member's samples
+        data = data.subset(cost_rows(data))
     numbers = profile_model(model, data, repeats=10)
     size = numbers["batch_size"]
     return {

@@ -31,6 +31,10 @@ from modalmoe.evaluate.metrics import PRIMARY, task_metrics
 PERFECT = 1.0
 """The reference of a member with no specialist score: a perfect accuracy."""
 
+MIN_SPAN = 0.01
+"""The least a reference must beat the majority class by (1 point of accuracy) for the scale to
+mean something; below it a member's normalised score is undefined (None), not a huge ratio."""
+
 
 @dataclass
 class TaskScore:
@@ -71,9 +75,9 @@ def majority_rates(layout: MixtureLayout, train: MultimodalDataset, split: Multi
 
 def normalised(score: float, majority: float, reference: float) -> float | None:
     """``score`` on the scale where ``majority`` is 0 and ``reference`` is 1 (None when the
-    reference does not beat the majority class, so the scale is undefined)."""
+    reference beats the majority class by less than ``MIN_SPAN``: the scale is undefined)."""
     span = reference - majority
-    return None if span <= 1e-12 else (score - majority) / span
+    return None if span < MIN_SPAN else (score - majority) / span
 
 
 def task_scores(

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modalmoe.encoders.base import Tokens
-from modalmoe.model.blocks import RoutingLog, Trunk, TrunkShape, collect
+from modalmoe.model.blocks import RoutingLog, Trunk, TrunkOutput, TrunkShape, collect
 from modalmoe.model.reduction import SUPPORTED_FUSIONS, TokenReducer
 from modalmoe.moe.types import RoutingRecord
 from modalmoe.registry import Registry
@@ -116,7 +116,7 @@ class EarlyFusion(Fusion):
         x = torch.cat([s.x for s in streams], 1)
         mask = torch.cat([s.mask for s in streams], 1)
         modality = torch.cat([torch.full_like(s.mask, i, dtype=torch.long) for i, s in enumerate(streams)], 1)
-        out = self.trunk(x, mask, modality, task=task)
+        out = self._packed(x, mask, modality, task)
         widths = [s.mask.shape[1] for s in streams]
         tokens = list(out.x.split(widths, 1))  # the trunk zeroes padding
         # After token reduction, pool only the positions that still carry a state.
@@ -124,6 +124,24 @@ class EarlyFusion(Fusion):
         pooled = [masked_mean(x, m) for x, m in zip(tokens, masks, strict=True)]
         present = torch.stack([s.mask.any(1) for s in streams], 1)
         return FusionOutput(torch.stack(pooled, 1), present, out.aux_losses, out.records, tokens)
+
+    def _packed(self, x: Tensor, mask: Tensor, modality: Tensor, task: Tensor | None) -> TrunkOutput:
+        """The trunk over each row's real tokens only, packed to the left and cut to the longest
+        row, then put back in place (padding comes out as 0, as the trunk leaves it).
+
+        Samples that lack most modalities (a task mixture's, or missing sensors) would
+        otherwise spend attention and dense-FFN FLOPs on every other modality's padding; the
+        same tokens meet the same keys either way, so the outputs are the same. A trunk with
+        token reduction keeps the full layout (its keep counts are per position)."""
+        real = mask.sum(1)
+        length = int(real.max()) if real.numel() else 0
+        if self.trunk.reduction is not None or length in (0, mask.shape[1]):
+            return self.trunk(x, mask, modality, task=task)
+        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :length]  # [B, L] real first
+        wide = order.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+        out = self.trunk(x.gather(1, wide), mask.gather(1, order), modality.gather(1, order), task=task)
+        placed = x.new_zeros(x.shape).scatter(1, wide, out.x)
+        return TrunkOutput(placed, out.aux_losses, out.records, mask=None)
 
 
 @fusions.register("late")

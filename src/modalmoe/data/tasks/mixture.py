@@ -287,3 +287,39 @@ class Mixture(BundledTask):
             cap = limit.get(label) if isinstance(limit, Mapping) else limit
             loaded[label] = limit_task(task, cap)
         return make_mixture(loaded, share=options.get("share"))
+
+
+def member_task(task: Task, member: str) -> Task:
+    """One member of a loaded mixture as a task of its own: its rows of every split, the
+    mixture modalities its samples carry (names kept, ``"t/m"`` or shared), and its classes
+    (the member's own labels 0..C_t-1 and names) - what a specialist of that member trains on,
+    with the same samples, limits and modality names as the generalist.
+
+    Raises:
+        ValueError: ``task`` is not a mixture, or has no member ``member``.
+    """
+    parts = layout(task.train)
+    if parts is None:
+        raise ValueError(f"task {task.name!r} is not a task mixture (its classes are not prefixed by task)")
+    if member not in parts.names:
+        raise ValueError(f"the mixture has no member {member!r}; its members are {list(parts.names)}")
+    t = parts.names.index(member)
+    start, size = parts.starts[t], parts.sizes[t]
+    splits = {
+        name: data.subset((torch.as_tensor(data.extras["task"]) == t).nonzero().squeeze(-1))
+        for name, data in task.splits.items()
+    }
+    train = splits["train"]  # the modalities the member's training samples carry
+    modalities = [m for m in task.specs if bool(train.present[m].any())]
+    out = {}
+    for name, own in splits.items():
+        out[name] = MultimodalDataset(
+            specs={m: own.specs[m] for m in modalities},
+            inputs={m: own.inputs[m] for m in modalities},
+            target=own.target - start,
+            present={m: own.present[m] for m in modalities},
+            lengths={m: v for m, v in own.lengths.items() if m in modalities},
+            classes=[c.split(SEP, 1)[1] for c in task.train.classes[start : start + size]],
+            task_type="classification",
+        )
+    return Task(name=member, splits=out, description=f"member {member!r} of the mixture {task.name!r}")
