@@ -154,12 +154,15 @@ def test_task_film_starts_as_token_choice():
     torch.testing.assert_close(got.weight, want.weight)
 
 
-def test_task_routers_need_a_mixture():
+def test_task_routers_of_a_one_task_model_route_as_one_gate():
     config = ExperimentConfig.model_validate(
         {"task": "synthetic", "model": {"moe": {"every": 1, "router": "per_task"}}}
     )
-    with pytest.raises(ValueError, match="conditions on the task"):
-        build_model(config.model, members()["a"].specs, outputs=2)
+    model = build_model(config.model, members()["a"].specs, outputs=2)
+    router = model.fusion.trunk.blocks[0].ffn.router
+    assert router.tasks == ("task",) and router.weight.shape[0] == 1
+    out = model(members()["a"].train.batch(range(8)))  # no task ids: every token is task 0
+    assert out.logits.shape == (8, 2) and out.records[0].task is None
 
 
 def mixture_config(router: str | None, **train) -> ExperimentConfig:

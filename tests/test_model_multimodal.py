@@ -1,6 +1,8 @@
 """The multimodal model: every fusion and preset runs; absent modalities are handled, not faked;
 per-token routing makes a sample's output independent of its batch."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,7 @@ from modalmoe.data.tasks import load_task
 from modalmoe.efficiency import expert_row_flops, measure_cost
 from modalmoe.model import build_model, fusions, modality_dropout
 from modalmoe.model.presets import get_preset, preset_names
+from modalmoe.run import head_outputs
 
 FUSIONS = fusions.names()
 # Routers whose decision for a token depends only on that token (soft MoE: only on its sample).
@@ -91,11 +94,14 @@ REAL = [n for n in preset_names(tiny=False) if not n.startswith("synthetic/")]
 def tasks():
     cache = {}
 
-    def get(name):
-        if name not in cache:
-            task = load_task(name)
-            cache[name] = (task, task.train.subset(range(300)))
-        return cache[name]
+    def get(cfg):
+        key = json.dumps([cfg.task, cfg.task_options], sort_keys=True)  # mixtures differ by options
+        if key not in cache:
+            task = load_task(cfg.task, **cfg.task_options)
+            # every member of a mixture in the slice: a seeded sample of the training split
+            rows = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(0))[:300].sort().values
+            cache[key] = (task, task.train.subset(rows))
+        return cache[key]
 
     return get
 
@@ -103,9 +109,9 @@ def tasks():
 @pytest.mark.parametrize("name", REAL)
 def test_every_real_preset_builds_and_trains_one_step(name, tasks):
     cfg = get_preset(name)
-    task, train = tasks(cfg.task)
+    task, train = tasks(cfg)
     torch.manual_seed(0)
-    model = build_model(cfg.model, task.specs, outputs=train.num_classes).fit(train)
+    model = build_model(cfg.model, task.specs, outputs=head_outputs(train)).fit(train)
     out = backward_ok(model, train.batch(range(4)))
     assert out.logits.shape == (4, train.num_classes)
 

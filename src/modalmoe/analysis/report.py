@@ -31,6 +31,7 @@ from modalmoe.analysis.routing import (
     drop_rate,
     expert_class_counts,
     expert_modality_counts,
+    expert_task_counts,
     mutual_information,
     normalized_entropy,
     normalized_mutual_information,
@@ -39,7 +40,8 @@ from modalmoe.analysis.routing import (
     tokens_per_expert,
 )
 from modalmoe.config import ConfigError
-from modalmoe.evaluate.robustness import modality_subsets
+from modalmoe.data.tasks.mixture import layout
+from modalmoe.evaluate.robustness import evaluated_subsets
 from modalmoe.io import atomic_write_text, read_jsonl
 from modalmoe.moe.types import RoutingRecord
 from modalmoe.run import RunDir, load_run_model, read_run_config
@@ -252,10 +254,13 @@ def build_report(run_dir: str | Path, *, split: str = "test", which: str = "best
         raise ConfigError(f"{str(run_dir)!r} trained a dense model ({config.name}): it has no router to report on")
     full = collect(model, dataset)
     classes = list(dataset.classes) if dataset.classes else [str(c) for c in range(int(full.labels.max()) + 1)]
+    parts = layout(dataset)  # a task mixture: routing by task as well as by modality
+    tasks = list(parts.names) if parts is not None else []
     layers = []
     for i, record in enumerate(full.records):
         by_modality = expert_modality_counts(record, len(names))
         by_class = expert_class_counts(record, full.labels, len(classes))
+        by_task = expert_task_counts(record, len(tasks)) if tasks and record.task is not None else None
         spec_m, spec_c = specialisation(by_modality), specialisation(by_class)
         experts = []
         for e in range(record.num_experts):
@@ -290,11 +295,20 @@ def build_report(run_dir: str | Path, *, split: str = "test", which: str = "best
                 "class_figure": _heatmap(by_class, "expert", classes, f"layer {i}: expert x class"),
                 "entropy_figure": _histogram(normalized_entropy(record), f"layer {i}: router entropy per token"),
                 "views": _sample_views(model, full.dataset, full, i, names),
+                **(
+                    {}
+                    if by_task is None
+                    else {
+                        "mi_task": mutual_information(by_task),
+                        "nmi_task": normalized_mutual_information(by_task),
+                        "task_figure": _heatmap(by_task, "expert", tasks, f"layer {i}: expert x task"),
+                    }
+                ),
             }
         )
     shifts = []
     if len(names) > 1:
-        for subset in modality_subsets(names):
+        for subset in evaluated_subsets(names, dataset):
             if len(subset) == len(names):
                 continue
             partial = collect(model, dataset, modalities=subset)
@@ -319,6 +333,7 @@ def build_report(run_dir: str | Path, *, split: str = "test", which: str = "best
         router=config.model.moe.router,
         fusion=config.model.fusion.name,
         layers=layers,
+        tasks=tasks,
         shifts=shifts,
         curves=_curves(run_dir),
         early=type(model.fusion).__name__ == "EarlyFusion",

@@ -126,6 +126,21 @@ def expert_modality_counts(record: RoutingRecord, num_modalities: int, *, weight
     return _joint_counts(record, record.modality, num_modalities, weighted, keep)
 
 
+def expert_task_counts(record: RoutingRecord, num_tasks: int, *, weighted: bool = False) -> Tensor:
+    """[E, G] kept assignments per expert and task (a task mixture's records carry each token's
+    task id, ``RoutingRecord.task``).
+
+    Raises:
+        ValueError: the record has no task ids, or one is outside ``[0, num_tasks)``.
+    """
+    if record.task is None:
+        raise ValueError("this routing record has no task ids (only a task mixture's batches carry them)")
+    if record.task.numel() and int(record.task.max()) >= num_tasks:
+        raise ValueError(f"task id {int(record.task.max())} >= num_tasks={num_tasks}")
+    keep = torch.ones_like(record.task, dtype=torch.bool)
+    return _joint_counts(record, record.task, num_tasks, weighted, keep)
+
+
 def expert_class_counts(record: RoutingRecord, labels: Tensor, num_classes: int, *, weighted: bool = False) -> Tensor:
     """[E, C] kept assignments per expert and class; a token's class is its sample's label.
 

@@ -267,6 +267,8 @@ def write_outputs(out: Path, records: list[Record], suite, *, console: Console |
     atomic_write_text(out / "leaderboard.md", text)
     ResultsStore(out).write_csv()
     pareto_plots(boards, out)
+    for section in kinds:  # a section's own plots (the capacity curves)
+        section.figures(out)
     if console is not None:
         print_boards(boards, console)
         for section in kinds:

@@ -22,6 +22,7 @@ from modalmoe.analysis.report import collect, write_report
 from modalmoe.analysis.routing import (
     expert_class_counts,
     expert_modality_counts,
+    expert_task_counts,
     normalized_entropy,
     normalized_mutual_information,
     token_share,
@@ -29,6 +30,7 @@ from modalmoe.analysis.routing import (
 from modalmoe.bench.leaderboard import leaderboards
 from modalmoe.bench.store import ResultsStore
 from modalmoe.config import ConfigError
+from modalmoe.data.tasks.mixture import layout
 from modalmoe.io import atomic_write_text
 from modalmoe.run import RunDir, load_run_model
 
@@ -39,12 +41,17 @@ def run_statistics(run_dir: Path) -> list[dict]:
     test = RunDir(run_dir).task().test
     collected = collect(model, test)
     classes = int(collected.labels.max()) + 1 if collected.labels.numel() else 1
+    parts = layout(test)
     out = []
     for record in collected.records:
+        by_task = None
+        if parts is not None and record.task is not None:
+            by_task = normalized_mutual_information(expert_task_counts(record, len(parts.names)))
         out.append(
             {
                 "nmi_modality": normalized_mutual_information(expert_modality_counts(record, len(model.modalities))),
                 "nmi_class": normalized_mutual_information(expert_class_counts(record, collected.labels, classes)),
+                **({} if by_task is None else {"nmi_task": by_task}),
                 "entropy": float(normalized_entropy(record).mean()) if record.modality.numel() else 0.0,
                 "top_share": float(token_share(record).max()),
             }

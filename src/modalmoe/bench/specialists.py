@@ -154,7 +154,7 @@ def _is_mixture(suite: SuiteConfig, task: str) -> bool:
 # --- the leaderboard's "Generalist" section ---------------------------------------------------
 
 
-def _seed_scores(record: dict, reference: dict[str, float]) -> tuple[dict[str, float], float | None]:
+def seed_scores(record: dict, reference: dict[str, float]) -> tuple[dict[str, float], float | None]:
     """A record's member accuracies and its mean normalised score against ``reference``."""
     tasks = record["evaluation"]["tasks"]
     accuracy = {t["task"]: t["metrics"]["accuracy"] for t in tasks}
@@ -175,11 +175,11 @@ def generalist_tables(records: list[dict]) -> dict[str, dict]:
         for design, recs in designs.items():
             if design.startswith(PREFIX):
                 for m in members:
-                    mean = statistics.mean(_seed_scores(r, {})[0][m] for r in recs)
+                    mean = statistics.mean(seed_scores(r, {})[0][m] for r in recs)
                     reference[m] = max(reference.get(m, 0.0), mean)
         rows = []
         for design, recs in designs.items():
-            per_seed = {r["seed"]: _seed_scores(r, reference) for r in recs}
+            per_seed = {r["seed"]: seed_scores(r, reference) for r in recs}
             scores = {s: v[1] for s, v in per_seed.items() if v[1] is not None}
             if not scores:
                 continue
@@ -259,6 +259,9 @@ class GeneralistSection:
             lines += markdown_table(_header(table["members"]), rows, left=(0,))
             lines.append("")
         return "\n".join(lines)
+
+    def figures(self, out: Path) -> list[Path]:
+        return []
 
     def print(self, console: Console) -> None:
         for task, table in self.tables.items():

@@ -266,6 +266,36 @@ class UpcycleProtocol(_Strict):
         return self.label if arm == "parent" else f"{self.label}>{arm}+{self.extra_epochs}"
 
 
+class Sweep(_Strict):
+    """A capacity curve (issue 21, ``bench/capacity.py``): one design at the task's fixed
+    active-FLOP budget with one key swept (Switch Transformer's experts-against-parameters
+    figure), and beside each point the dense design matched to that point's total parameters
+    (its FLOPs grow with them: the upper reference).
+
+    Attributes:
+        design: the swept preset design.
+        key: the dotted config key swept (``model.moe.num_experts``).
+        values: its values; each is one cell per seed, ``token-choice[E=8]``.
+        short: the key's name in labels and tables (``E``).
+        overrides: ``key=value`` for every point (``model.moe.k=1``, so E=1 is the dense model).
+        dense: the dense design of the reference points (None: no reference); its cells are
+            ``dense-early[params@E=8]``.
+    """
+
+    design: str = "token-choice"
+    key: str = "model.moe.num_experts"
+    values: list[int] = Field(min_length=1)
+    short: str = "E"
+    overrides: list[str] = Field(default_factory=list)
+    dense: str | None = "dense-early"
+
+    def label(self, value: int) -> str:
+        return f"{self.design}[{self.short}={value}]"
+
+    def dense_label(self, value: int) -> str:
+        return f"{self.dense}[params@{self.short}={value}]"
+
+
 class DesignMatch(_Strict):
     """How one design of a suite is compute-matched instead of by the suite's rule.
 
@@ -313,6 +343,8 @@ class SuiteConfig(_Strict):
         specialists: designs trained as specialists on every task mixture of ``tasks`` (one
             model per member task, each with the width the design is matched to on the
             mixture; ``bench/specialists.py``), the top of each member's normalised scale.
+        sweeps: capacity curves over ``tasks`` (``Sweep``), run over ``seeds`` at the task's
+            budget.
     """
 
     name: str
@@ -334,14 +366,15 @@ class SuiteConfig(_Strict):
     upcycle: list[UpcycleProtocol] = Field(default_factory=list)
     match_designs: dict[str, DesignMatch] = Field(default_factory=dict)
     specialists: list[str] = Field(default_factory=list)
+    sweeps: list[Sweep] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _known_parts(self) -> SuiteConfig:
         protocols = self.lifelong or self.sequences or self.upcycle
-        if bool(self.tasks) != bool(self.designs) or not (self.tasks or protocols):
+        if bool(self.tasks) != bool(self.designs or self.sweeps) or not (self.tasks or protocols):
             raise ValueError(
-                "a suite needs both tasks and designs (cells task x design x seed), or lifelong protocols or task "
-                f"sequences, or several of these; got tasks {self.tasks}, designs {self.designs}, "
+                "a suite needs both tasks and designs (cells task x design x seed) or sweeps, or lifelong protocols "
+                f"or task sequences, or several of these; got tasks {self.tasks}, designs {self.designs}, "
                 f"{len(self.lifelong)} lifelong protocols, {len(self.sequences)} task sequences"
             )
         known_tasks, known_designs = task_files(), [*design_names(), LOGREG]
@@ -355,6 +388,7 @@ class SuiteConfig(_Strict):
             ("design", [*self.designs, *(p.design for p in [*self.lifelong, *self.sequences])], known_designs),
             ("dense design", [p.dense for p in self.upcycle], known_designs),
             ("specialist design", self.specialists, design_names()),
+            ("swept design", [d for w in self.sweeps for d in (w.design, w.dense) if d is not None], design_names()),
         ):
             unknown = [n for n in names if n not in known]
             if unknown:

@@ -2,9 +2,11 @@
 tables, ``mean ± std`` cells, points for accuracy-like metrics, and the per-method sections
 ("Lifelong", "Task sequences") that a kind of cell registers in ``sections``.
 
-A kind with a leaderboard section registers a function ``(records, suite) -> MethodsSection``
-under the ``SuiteConfig`` field that lists its protocols (``@sections.register("lifelong")``);
-the leaderboard writes the sections in the order of those fields (``cells.in_suite_order``).
+A kind with a leaderboard section registers a function ``(records, suite) -> section`` under
+the ``SuiteConfig`` field that lists its protocols (``@sections.register("lifelong")``); a
+section has ``markdown()``, ``print(console)`` and ``figures(out)`` (a ``MethodsSection``, or a
+class of the kind's own, such as the generalist and capacity tables). The leaderboard writes
+the sections in the order of those fields (``cells.in_suite_order``).
 """
 
 from __future__ import annotations
@@ -109,6 +111,10 @@ class MethodsSection:
 
     def print(self, console: Console) -> None:
         print_methods(console, self.prefix, self.tables, self.header, self.cells, self.title)
+
+    def figures(self, out) -> list:
+        """The section's plots written into the bench directory ``out`` (none for a table)."""
+        return []
 
 
 sections: Registry[MethodsSection] = Registry("leaderboard section")

@@ -118,3 +118,19 @@ def maxmin_normalize(values: Mapping[str, float], *, lower_is_better: bool = Fal
     span = v.max() - v.min()
     normalised = (v - v.min()) / span if span > 0 else torch.full_like(v, float("nan"))
     return dict(zip(values, normalised.tolist(), strict=True))
+
+
+def evaluated_subsets(modalities: Sequence[str], dataset) -> list[tuple[str, ...]]:
+    """The modality subsets worth evaluating on ``dataset``: every subset of ``modalities``, or
+    for a task mixture (``extras["task"]``) the full set and then each member's subsets of the
+    modalities its samples carry: a mixture's union of modalities has 2^M subsets, and almost
+    all of them mix modalities no sample has together."""
+    if "task" not in dataset.extras:
+        return modality_subsets(modalities)
+    ids = torch.as_tensor(dataset.extras["task"]).reshape(-1)
+    out = [tuple(modalities)]
+    for t in torch.unique(ids).tolist():
+        rows = ids == t
+        own = [m for m in modalities if m in dataset.present and bool(dataset.present[m][rows].any())]
+        out.extend(s for s in modality_subsets(own) if s not in out)
+    return out

@@ -27,7 +27,7 @@ from modalmoe.data.corrupt import LEVELS, NOISE_STD, add_noise, feature_std
 from modalmoe.data.tasks.mixture import layout as mixture_layout
 from modalmoe.evaluate.metrics import METRICS, PRIMARY, task_metrics
 from modalmoe.evaluate.retrieval import cross_modal_retrieval
-from modalmoe.evaluate.robustness import effective_robustness, modality_subsets, relative_robustness
+from modalmoe.evaluate.robustness import effective_robustness, evaluated_subsets, relative_robustness
 from modalmoe.evaluate.tasks import TaskScore, majority_rates, mean_normalised, task_scores
 from modalmoe.model.multimodal import MultimodalModel
 
@@ -355,7 +355,7 @@ def evaluate(
         )
         report.mean_normalised = mean_normalised(report.tasks)
     if subsets:
-        for subset in _subsets(model.modalities, dataset, parts is not None):
+        for subset in evaluated_subsets(model.modalities, dataset):
             pred = (
                 full
                 if list(subset) == model.modalities
@@ -379,20 +379,6 @@ def evaluate(
         present = {m: full.present[:, i] for i, m in enumerate(full.modalities)}
         report.retrieval = cross_modal_retrieval(full.embeddings, present, ks)
     return report
-
-
-def _subsets(modalities: list[str], dataset: MultimodalDataset, mixture: bool) -> list[tuple[str, ...]]:
-    """The modality subsets to evaluate: every subset of the model's modalities, or for a task
-    mixture each member's subsets of the modalities its samples carry (full set first)."""
-    if not mixture:
-        return modality_subsets(modalities)
-    ids = torch.as_tensor(dataset.extras["task"]).reshape(-1)
-    out = [tuple(modalities)]
-    for t in torch.unique(ids).tolist():
-        rows = ids == t
-        own = [m for m in modalities if m in dataset.present and bool(dataset.present[m][rows].any())]
-        out.extend(s for s in modality_subsets(own) if s not in out)
-    return out
 
 
 def _metrics(pred: Predictions, kind: str | None) -> dict[str, float]:

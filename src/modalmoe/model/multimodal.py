@@ -288,6 +288,10 @@ class MultimodalModel(nn.Module):
         return self.task_heads[task], names.index(task)
 
 
+ONE_TASK = "task"
+"""The task label a task-conditioned router of a one-task model is declared over."""
+
+
 def moe_arguments(config: ModelConfig, modalities: list[str], *, tasks: list[str] | None = None) -> dict | None:
     """``build_moe_layer`` arguments from the config (None for a dense model).
 
@@ -302,12 +306,9 @@ def moe_arguments(config: ModelConfig, modalities: list[str], *, tasks: list[str
         options["modalities"] = tuple(modalities)
     task_names = tuple(tasks) if tasks else tuple(t.name for t in config.tasks)
     if "tasks" in accepts and "tasks" not in options:
-        if not task_names:
-            raise ValueError(
-                f"router {moe.router!r} conditions on the task, and this model serves one task: train it on a "
-                "task mixture (task: mixture, task_options: {tasks: [...]}) or pick a task-agnostic router"
-            )
-        options["tasks"] = task_names
+        # A one-task model has one task: a task-conditioned router then routes as its
+        # task-agnostic form (one gate), so its presets build on every task.
+        options["tasks"] = task_names or (ONE_TASK,)
     reserved = {}
     if moe.reserved.modalities:
         reserved["modality"] = (tuple(modalities), moe.reserved.modalities)
