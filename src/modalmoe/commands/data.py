@@ -198,7 +198,8 @@ def cmd_list(args: SimpleNamespace) -> int:
 
 
 def cmd_fetch(args: SimpleNamespace) -> int:
-    names = tasks.names() if args.task == "all" else [args.task]
+    # "all": every task with data of its own (a mixture is made of them and needs its members named)
+    names = [n for n in tasks.names() if not tasks.get(n).needs_options] if args.task == "all" else [args.task]
     if not _known(names[0]):
         return 2
     selected = [tasks.create(n) for n in names]

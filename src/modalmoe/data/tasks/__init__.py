@@ -38,12 +38,15 @@ class BundledTask:
         sources: key -> ``Source`` (the raw files ``build`` receives under the same keys).
         version: bump whenever ``build`` changes what it produces (invalidates the cache).
         summary: one line for ``modalmoe data list``.
+        needs_options: the task is made from its options (``mixture``), not from files of its own.
     """
 
     name: str = ""
     sources: dict[str, Source] = {}
     version: int = 1
     summary: str = ""
+    #: Built from its options alone (a mixture names its members): ``data fetch all`` skips it.
+    needs_options: bool = False
 
     def build(self, files: dict[str, Path]) -> Task:
         """Raw files (already verified) -> the task with its train/valid/test splits."""

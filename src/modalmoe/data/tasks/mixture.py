@@ -263,6 +263,7 @@ class Mixture(BundledTask):
     split, per member) and ``share`` (modalities several members feed into)."""
 
     name = "mixture"
+    needs_options = True
     summary = "several tasks as one (options: tasks, limit, share): one model over many tasks and modalities"
 
     def load(self, *, cache=None, wheelhouse=None, refresh: bool = False, **options) -> Task:
