@@ -6,6 +6,9 @@ over every member) and, for each design in ``suite.specialists``, a **specialist
 seed, one model per member task (``member_task``: the member's own samples, modalities and
 classes), each with the width the design is compute-matched to on the mixture, so a
 specialist spends on each of its samples the FLOPs that design's generalist spends on them.
+A specialist trains the suite's epochs over its member's samples (``epochs``: each sample
+seen as often as the generalist sees it, in fewer optimiser steps) or as many optimiser steps
+as the generalist (``steps``; ``SuiteConfig.specialist_budgets``).
 Its record has the same per-task scores as a generalist's (``evaluation.tasks``); its cost is
 the members' FLOPs per sample averaged as the generalist's cost batch averages them (each
 member equally), and its parameters are all the specialists' together.
@@ -19,6 +22,7 @@ the best dense generalist at equal FLOPs (Holm-adjusted across designs).
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections import defaultdict
@@ -41,22 +45,25 @@ from modalmoe.evaluate.tasks import PERFECT, majority_rates, normalised
 PREFIX = "specialists/"
 
 
-def specialist_label(design: str) -> str:
-    """The design label of a specialist cell: ``specialists/dense-early``."""
-    return f"{PREFIX}{design}"
+def specialist_label(design: str, budget: str = "epochs") -> str:
+    """The design label of a specialist cell: ``specialists/dense-early`` (the suite's epochs),
+    ``specialists/dense-early@steps`` (the generalist's optimisation steps)."""
+    return f"{PREFIX}{design}" + ("" if budget == "epochs" else f"@{budget}")
 
 
 @dataclass(frozen=True)
 class SpecialistCell:
-    """One model per member task of the mixture ``task``, of ``design``, seed ``seed``."""
+    """One model per member task of the mixture ``task``, of ``design``, seed ``seed``;
+    ``budget``: ``epochs`` or ``steps`` (``SuiteConfig.specialist_budgets``)."""
 
     task: str
     design: str
     seed: int
+    budget: str = "epochs"
 
     @property
     def label(self) -> str:
-        return specialist_label(self.design)
+        return specialist_label(self.design, self.budget)
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -73,9 +80,15 @@ class SpecialistCell:
             raise ConfigError(f"specialists need a task mixture; task {self.task!r} is not one (task: mixture)")
         cfg, matched = matched_config(suite, task, self.task, self.design, self.seed, budget)
         scores, costs, valid, train_seconds, eval_seconds = [], [], [], 0.0, 0.0
+        batch = cfg.train.batch_size
         for name in parts.names:
             member = member_task(task, name)
-            config = _for_member(cfg, member)
+            epochs = cfg.train.epochs
+            if self.budget == "steps":  # as many optimiser steps as the generalist takes
+                epochs = max(
+                    1, round(epochs * math.ceil(len(task.train) / batch) / math.ceil(len(member.train) / batch))
+                )
+            config = _for_member(cfg, member, epochs)
             run_dir = out / "runs" / task_label(self.task) / self.label / f"s{self.seed}" / name
             result, model, seconds = train_run(config, run_dir, member)
             train_seconds += seconds
@@ -127,10 +140,12 @@ class SpecialistCell:
         }
 
 
-def _for_member(config: ExperimentConfig, member) -> ExperimentConfig:
-    """The mixture's cell config for one member: only the encoders of the member's modalities."""
+def _for_member(config: ExperimentConfig, member, epochs: int) -> ExperimentConfig:
+    """The mixture's cell config for one member: only the encoders of the member's modalities,
+    trained ``epochs`` epochs."""
     data = config.model_dump(mode="json")
     data["model"]["encoders"] = {k: v for k, v in data["model"]["encoders"].items() if k in member.specs}
+    data["train"]["epochs"] = int(epochs)
     return validate(data, ExperimentConfig, source=f"the specialist of {member.name!r}")
 
 
@@ -143,7 +158,8 @@ def plan_specialists(suite: SuiteConfig) -> list[SpecialistCell]:
         if not _is_mixture(suite, task):
             continue
         for design in suite.specialists:
-            cells += [SpecialistCell(task, design, seed) for seed in suite.seeds]
+            for budget in suite.specialist_budgets:
+                cells += [SpecialistCell(task, design, seed, budget) for seed in suite.seeds]
     return cells
 
 

@@ -343,6 +343,10 @@ class SuiteConfig(_Strict):
         specialists: designs trained as specialists on every task mixture of ``tasks`` (one
             model per member task, each with the width the design is matched to on the
             mixture; ``bench/specialists.py``), the top of each member's normalised scale.
+        specialist_budgets: how long each specialist trains: ``epochs`` (the suite's epochs over
+            its member's samples: each sample seen as often as the generalist sees it) and/or
+            ``steps`` (as many optimisation steps as the generalist: its epochs scaled by the
+            mixture's training batches over the member's; label ``specialists/<design>@steps``).
         sweeps: capacity curves over ``tasks`` (``Sweep``), run over ``seeds`` at the task's
             budget.
     """
@@ -366,6 +370,7 @@ class SuiteConfig(_Strict):
     upcycle: list[UpcycleProtocol] = Field(default_factory=list)
     match_designs: dict[str, DesignMatch] = Field(default_factory=dict)
     specialists: list[str] = Field(default_factory=list)
+    specialist_budgets: list[Literal["epochs", "steps"]] = Field(default_factory=lambda: ["epochs"], min_length=1)
     sweeps: list[Sweep] = Field(default_factory=list)
 
     @model_validator(mode="after")
