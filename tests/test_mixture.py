@@ -3,9 +3,13 @@ samplers, task-aware routers, and per-task evaluation with the mean normalised s
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+from conftest import assert_same_checkpoint
+from modalmoe.cli import main
 from modalmoe.config import ExperimentConfig
 from modalmoe.data.tasks import load_task
 from modalmoe.data.tasks.mixture import layout, make_mixture
@@ -18,7 +22,7 @@ from modalmoe.model.heads import TaskHeads
 from modalmoe.model.multimodal import build_model
 from modalmoe.moe import build_moe_layer, routers
 from modalmoe.run import head_outputs
-from modalmoe.train import Trainer, load_run_model
+from modalmoe.train import Trainer, load_checkpoint, load_run_model
 from modalmoe.train.samplers import samplers, task_shares
 
 A = {"name": "synthetic", "options": {"num_samples": 200, "num_modalities": 2, "dim": 6, "seed": 1}}
@@ -238,3 +242,16 @@ def test_early_fusion_runs_the_trunk_on_real_tokens_only_with_the_same_outputs(r
     if router is not None:
         assert torch.equal(packed.records[0].expert_index, full.records[0].expert_index)
         assert torch.equal(packed.records[0].modality, full.records[0].modality)
+
+
+def test_a_mixture_run_resumes_exactly_and_the_cli_reports_each_task(tmp_path, interrupted_then_resumed, capsys):
+    config = mixture_config("task_film", sampler={"name": "uniform"})
+    Trainer(config, tmp_path / "a", progress=False).fit()
+    uninterrupted = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.safetensors")
+    _, resumed = interrupted_then_resumed(config, tmp_path / "b", fail_at=9)  # mid-epoch 2 (7 steps each)
+    assert_same_checkpoint(uninterrupted, resumed)
+    assert main(["eval", str(tmp_path / "a"), "--subsets", "none"]) == 0
+    shown = capsys.readouterr().out
+    assert "Tasks of the mixture" in shown and "mean normalised score" in shown
+    saved = json.loads((tmp_path / "a" / "eval-test.json").read_text())
+    assert [t["task"] for t in saved["tasks"]] == ["a", "b"] and saved["mean_normalised"] is not None
