@@ -29,7 +29,6 @@ from scipy import stats
 from modalmoe.analysis.report import pyplot
 from modalmoe.bench.cells import planners
 from modalmoe.bench.compute import match_compute, reference_budget
-from modalmoe.bench.specialists import seed_scores
 from modalmoe.bench.suites import SuiteConfig, Sweep, task_label
 from modalmoe.bench.tables import markdown_table, sections, terminal_table
 from modalmoe.bench.training import (
@@ -143,11 +142,12 @@ def plan_sweeps(suite: SuiteConfig) -> list[SweepCell]:
 
 
 def _score(record: dict) -> float | None:
-    """A record's score: the mean normalised score of a mixture (perfect reference), else its
-    primary metric."""
-    if (record.get("evaluation") or {}).get("tasks"):
-        return seed_scores(record, {})[1]
-    metric = (record.get("evaluation") or {}).get("metric") or "accuracy"
+    """A record's score: the mean normalised score of a mixture (against a perfect score, as
+    its evaluation stored it), else its primary metric."""
+    evaluation = record.get("evaluation") or {}
+    if evaluation.get("tasks"):
+        return evaluation.get("mean_normalised")
+    metric = evaluation.get("metric") or "accuracy"
     return (record.get("metrics") or {}).get(metric)
 
 
@@ -190,7 +190,7 @@ def capacity_tables(records: list[dict], suite: SuiteConfig | None) -> dict[tupl
     return tables
 
 
-def _cells(row: dict, short: str) -> list[str]:
+def _cells(row: dict) -> list[str]:
     s = row["summary"]
     score = f"{s.mean:.3f} [{s.ci_low:.3f}, {s.ci_high:.3f}]" if s.n > 1 else f"{s.mean:.3f}"
     kind = "dense, params matched" if row["dense"] else "MoE, FLOPs matched"
@@ -238,14 +238,14 @@ class CapacitySection:
                 f"![capacity](capacity-{task}-{index}.png)",
                 "",
             ]
-            rows = [_cells(row, table["short"]) for row in table["rows"]]
+            rows = [_cells(row) for row in table["rows"]]
             lines += markdown_table(_header(table["short"], table["metric"]), rows, left=(0, 1))
             lines += ["", _slope_line(table), ""]
         return "\n".join(lines)
 
     def print(self, console: Console) -> None:
         for (task, index), table in self.tables.items():
-            rows = [_cells(row, table["short"]) for row in table["rows"]]
+            rows = [_cells(row) for row in table["rows"]]
             console.print(terminal_table(f"capacity {task} sweep {index}", _header(table["short"], table["metric"]),
                                          rows, left=(0, 1)))  # fmt: skip
             console.print(_slope_line(table), highlight=False)

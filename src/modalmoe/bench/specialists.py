@@ -40,7 +40,7 @@ from modalmoe.bench.training import cell_config, cost_fields, suite_task, train_
 from modalmoe.config import ConfigError, ExperimentConfig, validate
 from modalmoe.data.tasks.mixture import layout, member_task
 from modalmoe.evaluate.runner import evaluate
-from modalmoe.evaluate.tasks import PERFECT, majority_rates, normalised
+from modalmoe.evaluate.tasks import PERFECT, TaskScore, majority_rates, mean_normalised, normalised
 
 PREFIX = "specialists/"
 
@@ -81,6 +81,9 @@ class SpecialistCell:
         cfg, matched = matched_config(suite, task, self.task, self.design, self.seed, budget)
         scores, costs, valid, train_seconds, eval_seconds = [], [], [], 0.0, 0.0
         batch = cfg.train.batch_size
+        # Each member's majority class, as the generalist's report computes it.
+        majority = majority_rates(parts, task.train, task.test)
+        cell_dir = out / "runs" / task_label(self.task) / self.label / f"s{self.seed}"
         for name in parts.names:
             member = member_task(task, name)
             epochs = cfg.train.epochs
@@ -89,34 +92,25 @@ class SpecialistCell:
                     1, round(epochs * math.ceil(len(task.train) / batch) / math.ceil(len(member.train) / batch))
                 )
             config = _for_member(cfg, member, epochs)
-            run_dir = out / "runs" / task_label(self.task) / self.label / f"s{self.seed}" / name
-            result, model, seconds = train_run(config, run_dir, member)
+            result, model, seconds = train_run(config, cell_dir / name, member)
             train_seconds += seconds
             t0 = time.perf_counter()
             report = evaluate(model, member.test, subsets=False, train_scale=member.train, seed=self.seed)
             eval_seconds += time.perf_counter() - t0
-            # The majority class of the member, as the generalist's report computes it.
-            majority = majority_rates(parts, task.train, task.test).get(name, 0.0)
+            base = majority.get(name, 0.0)
             accuracy = report.metrics["accuracy"]
             scores.append(
-                {
-                    "task": name,
-                    "samples": report.samples,
-                    "metrics": report.metrics,
-                    "majority": majority,
-                    "reference": PERFECT,
-                    "reference_kind": "perfect",
-                    "normalised": normalised(accuracy, majority, PERFECT),
-                }
+                TaskScore(
+                    name, report.samples, report.metrics, base, PERFECT, "perfect", normalised(accuracy, base, PERFECT)
+                )
             )
             costs.append(cost_fields(model, member.test))
             valid.append((result.best or {}).get("accuracy"))
-        total = sum(s["samples"] for s in scores)
-        accuracy = sum(s["metrics"]["accuracy"] * s["samples"] for s in scores) / total
-        values = [s["normalised"] for s in scores]
+        total = sum(s.samples for s in scores)
+        accuracy = sum(s.metrics["accuracy"] * s.samples for s in scores) / total
         return {
             "config": cfg.model_dump(mode="json"),
-            "run_dir": str((out / "runs" / task_label(self.task) / self.label / f"s{self.seed}").relative_to(out)),
+            "run_dir": str(cell_dir.relative_to(out)),
             "metrics": {"accuracy": accuracy},
             "valid": {"accuracy": statistics.mean(v for v in valid if v is not None)} if any(valid) else {},
             "evaluation": {
@@ -125,8 +119,8 @@ class SpecialistCell:
                 "mode": "max",
                 "samples": total,
                 "metrics": {"accuracy": accuracy},
-                "tasks": scores,
-                "mean_normalised": None if None in values else statistics.mean(values),
+                "tasks": [vars(score) for score in scores],
+                "mean_normalised": mean_normalised(scores),
             },
             "matched": matched,
             "flops": statistics.mean(c["flops"] for c in costs),
@@ -170,7 +164,7 @@ def _is_mixture(suite: SuiteConfig, task: str) -> bool:
 # --- the leaderboard's "Generalist" section ---------------------------------------------------
 
 
-def seed_scores(record: dict, reference: dict[str, float]) -> tuple[dict[str, float], float | None]:
+def _seed_scores(record: dict, reference: dict[str, float]) -> tuple[dict[str, float], float | None]:
     """A record's member accuracies and its mean normalised score against ``reference``."""
     tasks = record["evaluation"]["tasks"]
     accuracy = {t["task"]: t["metrics"]["accuracy"] for t in tasks}
@@ -191,11 +185,11 @@ def generalist_tables(records: list[dict]) -> dict[str, dict]:
         for design, recs in designs.items():
             if design.startswith(PREFIX):
                 for m in members:
-                    mean = statistics.mean(seed_scores(r, {})[0][m] for r in recs)
+                    mean = statistics.mean(_seed_scores(r, {})[0][m] for r in recs)
                     reference[m] = max(reference.get(m, 0.0), mean)
         rows = []
         for design, recs in designs.items():
-            per_seed = {r["seed"]: seed_scores(r, reference) for r in recs}
+            per_seed = {r["seed"]: _seed_scores(r, reference) for r in recs}
             scores = {s: v[1] for s, v in per_seed.items() if v[1] is not None}
             if not scores:
                 continue

@@ -15,6 +15,7 @@ from rich.console import Console
 from modalmoe.bench.suites import SuiteConfig
 from modalmoe.data.folds import fold_task
 from modalmoe.data.splits import limit_task
+from modalmoe.data.tasks.mixture import task_groups
 from modalmoe.efficiency.profile import profile_model
 from modalmoe.evaluate.runner import evaluate
 from modalmoe.lifelong import growth_callbacks
@@ -57,11 +58,7 @@ def cost_rows(data, size: int = 64):
     """The rows whose cost the bench measures: the first ``size``; for a task mixture, the first
     ``ceil(size / G)`` of each of its G members, so that every member's samples (their own
     modalities and token counts) weigh equally in the FLOPs per sample."""
-    ids = data.extras.get("task")
-    if ids is None:
-        return torch.arange(min(size, len(data)))
-    ids = torch.as_tensor(ids)
-    groups = [(ids == t).nonzero().squeeze(-1) for t in torch.unique(ids).tolist()]
+    groups = task_groups(data)
     per = -(-size // len(groups))
     return torch.cat([rows[:per] for rows in groups])
 

@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from modalmoe.data.tasks.mixture import task_groups
+
 MULTIBENCH_STEP = 0.1
 """MultiBench's imperfection grid: levels 0.0, 0.1, ..., 1.0, equally spaced by 0.1."""
 
@@ -127,10 +129,8 @@ def evaluated_subsets(modalities: Sequence[str], dataset) -> list[tuple[str, ...
     all of them mix modalities no sample has together."""
     if "task" not in dataset.extras:
         return modality_subsets(modalities)
-    ids = torch.as_tensor(dataset.extras["task"]).reshape(-1)
     out = [tuple(modalities)]
-    for t in torch.unique(ids).tolist():
-        rows = ids == t
+    for rows in task_groups(dataset):
         own = [m for m in modalities if m in dataset.present and bool(dataset.present[m][rows].any())]
         out.extend(s for s in modality_subsets(own) if s not in out)
     return out

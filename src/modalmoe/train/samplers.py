@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from modalmoe.data.batch import MultimodalDataset
+from modalmoe.data.tasks.mixture import task_groups
 from modalmoe.registry import Registry
 
 samplers: Registry[Callable[..., Tensor]] = Registry("sampler")
@@ -35,16 +36,6 @@ def _generator(seed: int, epoch: int) -> torch.Generator:
 def epoch_order(num_samples: int, seed: int, epoch: int) -> Tensor:
     """A permutation of ``num_samples`` that depends only on (seed, epoch)."""
     return torch.randperm(num_samples, generator=_generator(seed, epoch))
-
-
-def task_groups(dataset: MultimodalDataset) -> list[Tensor]:
-    """The training indices of each task of a mixture, in task-id order (one group for a
-    dataset without ``extras["task"]``)."""
-    task = dataset.extras.get("task")
-    if task is None:
-        return [torch.arange(len(dataset))]
-    task = torch.as_tensor(task).reshape(-1)
-    return [(task == t).nonzero().squeeze(-1) for t in torch.unique(task).tolist()]
 
 
 def _by_shares(dataset: MultimodalDataset, seed: int, epoch: int, weights: Tensor) -> Tensor:

@@ -87,6 +87,16 @@ def layout(dataset: MultimodalDataset) -> MixtureLayout | None:
     return MixtureLayout(names=tuple(names), starts=tuple(starts), sizes=tuple(sizes))
 
 
+def task_groups(dataset: MultimodalDataset) -> list[torch.Tensor]:
+    """The rows of each member of a mixture, in task-id order (one group, every row, for a
+    dataset without ``extras["task"]``)."""
+    task = dataset.extras.get("task")
+    if task is None:
+        return [torch.arange(len(dataset))]
+    task = torch.as_tensor(task).reshape(-1)
+    return [(task == t).nonzero().squeeze(-1) for t in torch.unique(task).tolist()]
+
+
 def _members(spec) -> dict[str, tuple[str, dict]]:
     """``tasks`` option -> member label -> (task name or path, its options)."""
     if isinstance(spec, str) or not isinstance(spec, Sequence | Mapping) or not spec:
