@@ -179,6 +179,23 @@ def test_two_rank_data_parallel_training_equals_one_process(tmp_path):
     assert (dist_run / "summary.json").is_file(), done.stdout
 
 
+@pytest.mark.slow
+def test_two_rank_bias_balancing_equals_one_process(tmp_path):
+    """Loss-free balancing under data parallelism: each rank counts its own tokens, the counts
+    are summed over ranks before the update, and DDP leaves the buffers alone, so the biases
+    (and everything else) end where one process on the full batch ends."""
+    from modalmoe.train import load_checkpoint
+
+    run = [*RUN, "train.accumulate=2", "model.moe.router_options.bias_rate=0.01"]  # counts span micro-batches
+    sets = [arg for o in run for arg in ("--set", o)]
+    _torchrun(["-m", "modalmoe", "train", "tiny/token-choice", "--out", str(tmp_path / "ddp"), "--quiet", *sets])
+    _single_process_run(tmp_path / "single", run)
+    _assert_same_weights(tmp_path / "ddp", tmp_path / "single")
+    saved = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.safetensors").tensors
+    biases = [k for k in saved if k.startswith("module/") and k.endswith("balance.bias")]
+    assert biases and all(float(saved[k].abs().sum()) > 0 for k in biases)
+
+
 # --- (c) expert-parallel training and its checkpoint -------------------------------------------
 
 

@@ -76,11 +76,14 @@ class MoEConfig(_Strict):
             so a token's active expert FLOPs equal the dense FFN's.
         shared_experts: always-on experts (DeepSeek-MoE), each as wide as a routed one.
         capacity_factor: None for dropless dispatch.
+        batch_priority: under a capacity limit, drop the lowest-priority tokens' assignments
+            (by top gate weight, V-MoE's batch-prioritised routing) instead of the last ones.
         communication: how a token's k expert outputs interact before they are summed
             (``none``, ``dense``, ``star``; see ``modalmoe.moe.communication``).
         communication_dim: width of the communication's projections (None: its default).
         entropy_threshold: LIMoE's global-entropy threshold (None: no global entropy loss).
-        aux_losses: which router losses the MoE layers compute (``load_balance``, ``z_loss``,
+        aux_losses: which router losses the MoE layers compute (``load_balance``,
+            ``sequence_balance`` (DeepSeek-V3's per-sample balance), ``z_loss``,
             ``local_entropy``, ``global_entropy``); the trainer weights them. LIMoE's entropy
             losses are opt-in: they cost time every step.
         router_options: the router's own arguments (``gating``, ``groups``, ``slots_per_expert``, ...).
@@ -100,10 +103,11 @@ class MoEConfig(_Strict):
     expert_hidden: int | None = Field(None, ge=1)
     shared_experts: int = Field(0, ge=0)
     capacity_factor: float | None = None
+    batch_priority: bool = False
     communication: str = "none"
     communication_dim: int | None = None
     entropy_threshold: float | None = None
-    aux_losses: list[Literal["load_balance", "z_loss", "local_entropy", "global_entropy"]] = Field(
+    aux_losses: list[Literal["load_balance", "sequence_balance", "z_loss", "local_entropy", "global_entropy"]] = Field(
         default_factory=lambda: ["load_balance", "z_loss"]
     )
     router_options: dict[str, Any] = Field(default_factory=dict)
@@ -756,11 +760,17 @@ class ExperimentConfig(_Strict):
     def _aux_losses_computed(self) -> ExperimentConfig:
         if not self.model.moe.every:
             return self
-        missing = [n for n, w in self.train.aux_weights.items() if w and n not in self.model.moe.aux_losses]
+        known = registry.family("router")
+        router = known.get(self.model.moe.router) if known is not None and self.model.moe.router in known else None
+        own = tuple(getattr(router, "losses", ()))  # losses the router computes itself (noisy top-k's load)
+        computed = [*self.model.moe.aux_losses, *own]
+        missing = [n for n, w in self.train.aux_weights.items() if w and n not in computed]
         if missing:
             raise ValueError(
                 f"train.aux_weights weights {missing}, which the MoE layers do not compute; add them to "
-                f"model.moe.aux_losses (now {self.model.moe.aux_losses}) or set their weight to 0"
+                f"model.moe.aux_losses (now {self.model.moe.aux_losses}"
+                + (f"; the {self.model.moe.router} router adds {list(own)}" if own else "")
+                + ") or set their weight to 0"
             )
         return self
 

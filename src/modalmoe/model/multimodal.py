@@ -321,6 +321,7 @@ def moe_arguments(config: ModelConfig, modalities: list[str], *, tasks: list[str
         k=moe.k,
         shared_experts=moe.shared_experts,
         capacity_factor=moe.capacity_factor,
+        batch_priority=moe.batch_priority,
         entropy_threshold=moe.entropy_threshold,
         aux=tuple(moe.aux_losses),
         hidden=expert_hidden,

@@ -39,8 +39,9 @@ class DispatchPlan:
     """Assignments sorted by expert.
 
     ``A`` is the number of kept assignments. Choices are ranked first by choice order (all
-    first choices before any second choice, as in GShard) and then by token position, so
-    a capacity limit drops second choices first.
+    first choices before any second choice, as in GShard) and then by token position, or by
+    token priority when one is given (V-MoE's batch-prioritised routing), so a capacity
+    limit drops second choices first, and among them the last (or lowest-priority) tokens'.
 
     Attributes:
         token: [A] token index of each kept assignment, sorted by expert.
@@ -63,6 +64,7 @@ def plan_dispatch(
     *,
     valid: Tensor | None = None,
     capacity: int | None = None,
+    priority: Tensor | None = None,
 ) -> DispatchPlan:
     """Sort the ``[T, k]`` assignments by expert and apply the capacity limit.
 
@@ -71,9 +73,19 @@ def plan_dispatch(
         num_experts: E.
         valid: [T, k] which choices are real (None: all).
         capacity: max assignments per expert (None: dropless).
+        priority: [T] token priority (higher is kept first; ties by position), e.g. each
+            token's top gate weight (V-MoE); None: by position. Matters only under a capacity.
     """
     num_tokens, k = expert_index.shape
-    # Choice-major order: flat position j * T + t.
+    # Tokens in rank order (position, or descending priority): rank r holds token rows[r].
+    rows = None
+    if priority is not None and capacity is not None:
+        if priority.shape != (num_tokens,):
+            raise ValueError(f"priority must be [T] = ({num_tokens},), got {tuple(priority.shape)}")
+        rows = torch.sort(priority, descending=True, stable=True).indices
+        expert_index = expert_index.index_select(0, rows)
+        valid = None if valid is None else valid.index_select(0, rows)
+    # Choice-major order: flat position j * T + r.
     flat_expert = expert_index.t().reshape(-1)
     if valid is not None:
         flat_expert = torch.where(valid.t().reshape(-1), flat_expert, num_experts)  # invalid sort last
@@ -91,8 +103,11 @@ def plan_dispatch(
         order = order[keep]
         counts = counts.clamp(max=capacity)
     token = order % num_tokens
-    choice = token * k + order // num_tokens
     dropped = dropped_flat.view(k, num_tokens).t()
+    if rows is not None:  # back from rank order to token order
+        token = rows[token]
+        dropped = torch.empty_like(dropped).index_copy_(0, rows, dropped)
+    choice = token * k + order // num_tokens
     layout = GroupedLayout.plan(counts.tolist())
     return DispatchPlan(token=token, choice=choice, counts=counts, dropped=dropped, layout=layout)
 

@@ -51,6 +51,9 @@ class MoELayer(nn.Module):
         masks: group (``"modality"``, ``"task"``) -> an ``ExpertMask``: which experts a token
             of each modality or task may use (``modalmoe.moe.masks``); the router must accept
             masks. None: every expert is open to every token.
+        batch_priority: under a capacity limit, drop the assignments of the tokens with the
+            lowest top gate weight first (V-MoE's batch-prioritised routing), not the last
+            tokens by position.
     """
 
     def __init__(
@@ -66,8 +69,10 @@ class MoELayer(nn.Module):
         aux: tuple[str, ...] = AUX_LOSSES,
         expert_map: Tensor | None = None,
         masks: dict[str, ExpertMask] | None = None,
+        batch_priority: bool = False,
     ) -> None:
         super().__init__()
+        self.batch_priority = batch_priority
         if expert_map is None and router.num_experts != experts.num_experts:
             raise ValueError(f"router has {router.num_experts} experts but the bank has {experts.num_experts}")
         if expert_map is not None:
@@ -178,7 +183,12 @@ class MoELayer(nn.Module):
             )
             # Records and aux losses keep the router's own choices; merged experts run as one.
             chosen = routing.expert_index if self.expert_map is None else self.expert_map[routing.expert_index]
-            plan = plan_dispatch(chosen, self.experts.num_experts, valid=routing.valid, capacity=capacity)
+            priority = None
+            if self.batch_priority and capacity is not None:
+                priority = routing.weight.detach().masked_fill(~valid, float("-inf")).max(-1).values
+            plan = plan_dispatch(
+                chosen, self.experts.num_experts, valid=routing.valid, capacity=capacity, priority=priority
+            )
             dropped = plan.dropped
             if exchange:
                 outputs = dispatch_outputs(tokens, plan, self.experts, routing.expert_index.shape[1])
@@ -205,7 +215,7 @@ class MoELayer(nn.Module):
             y = x.new_zeros(x.shape[:-1].numel(), dim).index_copy(0, keep, y)
         return MoEOutput(
             x=y.view(shape),
-            aux_losses=aux_losses(record, entropy_threshold=self.entropy_threshold, names=self.aux),
+            aux_losses=aux_losses(record, entropy_threshold=self.entropy_threshold, names=self.aux) | routing.aux,
             record=record,
         )
 
@@ -227,6 +237,7 @@ def build_moe_layer(
     router_options: dict | None = None,
     bank_experts: int | None = None,
     reserved: dict[str, tuple[tuple[str, ...], dict[str, list[int]]]] | None = None,
+    batch_priority: bool = False,
     **router_kwargs,
 ) -> MoELayer:
     """Component builder: an ``MoELayer`` from plain parameters.
@@ -242,7 +253,7 @@ def build_moe_layer(
         activation: "gelu" or "swiglu".
         shared_experts: number of always-on experts of width F (DeepSeek-MoE), run as one
             dense FFN of width ``shared_experts * F``.
-        capacity_factor, uniform, entropy_threshold, aux: see ``MoELayer``.
+        capacity_factor, uniform, entropy_threshold, aux, batch_priority: see ``MoELayer``.
         communication: a name in ``modalmoe.moe.communication.communications`` ("none",
             "dense", "star"); "none" builds no module and keeps the fused combine.
         communication_dim: the exchange width r of the communication module (default D // 4).
@@ -281,4 +292,5 @@ def build_moe_layer(
         if bank_experts is None or bank_experts == num_experts
         else torch.arange(num_experts) % bank_experts,
         masks=masks,
+        batch_priority=batch_priority,
     )

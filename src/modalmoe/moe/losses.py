@@ -34,6 +34,26 @@ def load_balance_loss(record: RoutingRecord) -> Tensor:
     return record.num_experts * torch.sum(expert_fraction(record) * record.probs.mean(0))
 
 
+def sequence_balance_loss(record: RoutingRecord) -> Tensor:
+    """DeepSeek-V3's sequence-wise balance loss: the Switch load balance ``E * sum_e f_e P_e``
+    within each sample (its tokens' choice fractions and mean probabilities), averaged over
+    samples. It keeps every single sample from crowding onto a few experts, which the
+    batch-level loss allows as long as samples disagree. 1 under uniform routing inside
+    every sample."""
+    if record.probs.shape[0] == 0:
+        return record.probs.sum() * 0
+    _, sample = torch.unique(record.sample, return_inverse=True)
+    samples, experts = int(sample.max()) + 1, record.num_experts
+    dtype = record.probs.dtype
+    cell = (sample.unsqueeze(1) * experts + record.expert_index).reshape(-1)
+    counts = torch.bincount(cell, weights=record.valid.reshape(-1).to(dtype), minlength=samples * experts)
+    counts = counts.view(samples, experts).to(dtype)
+    fraction = counts / counts.sum(1, keepdim=True).clamp_min(1)
+    tokens = torch.bincount(sample, minlength=samples).to(dtype).unsqueeze(1)
+    mean_probs = record.probs.new_zeros(samples, experts).index_add(0, sample, record.probs) / tokens
+    return (experts * (fraction * mean_probs).sum(1)).mean()
+
+
 def router_z_loss(record: RoutingRecord) -> Tensor:
     """ST-MoE's router z-loss: ``mean_t logsumexp(logits_t)^2``; keeps logits small.
 
@@ -83,7 +103,7 @@ def global_entropy_loss(record: RoutingRecord, threshold: float | None = None) -
     return (-h if threshold is None else torch.relu(threshold - h)).mean()
 
 
-AUX_LOSSES = ("load_balance", "z_loss", "local_entropy", "global_entropy")
+AUX_LOSSES = ("load_balance", "sequence_balance", "z_loss", "local_entropy", "global_entropy")
 
 
 def aux_losses(
@@ -105,6 +125,7 @@ def aux_losses(
         raise ValueError(f"unknown aux losses {unknown}; choose from {AUX_LOSSES}")
     compute = {
         "load_balance": lambda: load_balance_loss(record),
+        "sequence_balance": lambda: sequence_balance_loss(record),
         "z_loss": lambda: router_z_loss(record),
         "local_entropy": lambda: local_entropy_loss(record),
         "global_entropy": lambda: global_entropy_loss(record, entropy_threshold),

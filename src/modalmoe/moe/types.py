@@ -41,6 +41,9 @@ class Routing:
             token anywhere from 0 to E experts and marks the rest invalid.
         soft: slot weights for soft MoE; when set, the layer mixes tokens into slots instead of
             dispatching them, and ``expert_index``/``weight`` only summarise routing for analysis.
+        aux: the router's own auxiliary losses, unweighted, by name (noisy top-k's load loss,
+            which needs the noise that only the router knows); the layer passes them on
+            beside the losses of ``modalmoe.moe.losses`` and the trainer weights them alike.
     """
 
     expert_index: Tensor
@@ -49,6 +52,7 @@ class Routing:
     logits: Tensor | None = None
     valid: Tensor | None = None
     soft: SoftSlots | None = None
+    aux: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def num_experts(self) -> int:

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 
 from modalmoe.checkpoint import _MODEL, _OPTIM, Checkpoint, restore_training, save_checkpoint
 from modalmoe.config import ExperimentConfig
+from modalmoe.moe.balance import balance_keys
 from modalmoe.moe.parallel import ShardedExpertBank, expert_keys, gather_experts, shard_experts, shard_of
 
 
@@ -108,7 +109,9 @@ class Parallel:
             )
         if not self.active:
             return model
-        ignore = list(expert_keys(model))
+        # Sharded experts, and the load-balancing buffers each rank counts on its own
+        # (DDP would broadcast rank 0's over them at every forward).
+        ignore = [*expert_keys(model), *balance_keys(model)]
         if ignore:
             nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
         device = next(model.parameters()).device

@@ -44,6 +44,11 @@ class Router(nn.Module):
     #: Whether ``forward`` takes ``allowed`` [T, E] (an expert mask, ``modalmoe.moe.masks``).
     accepts_mask: bool = False
 
+    #: Names of the auxiliary losses this router computes itself and returns in
+    #: ``Routing.aux`` (every pass), beside the layer's ``modalmoe.moe.losses``; the trainer
+    #: weights them through ``train.aux_weights`` like the others.
+    losses: tuple[str, ...] = ()
+
     #: Whether ``forward`` takes ``task`` [T], each token's task id (a task mixture's samples
     #: carry it), so the router can condition on the task as others do on the modality.
     accepts_task: bool = False

@@ -43,7 +43,7 @@ from modalmoe.train.callbacks.base import Callback
 callbacks: Registry[Callback | None] = Registry("callback")
 
 # Registration happens on import; these imports must follow the registry's creation.
-from modalmoe.train.callbacks import collapse, lora, ogm, upcycle  # noqa: E402, F401
+from modalmoe.train.callbacks import balance, collapse, lora, ogm, upcycle  # noqa: E402, F401
 
 
 def builtin_callbacks(config: ExperimentConfig, console: Console) -> list[Callback]:
