@@ -16,6 +16,13 @@ times their size. It compares them with the cost model of ``modalmoe.moe.paralle
 model assumes) and with the learned router (whose imbalance the model does not know; the
 exact figure from its split sizes is printed beside it).
 
+Group-limited routing (DeepSeek-V3; token_choice ``expert_groups`` = P, ``limited_groups``)
+bounds how many ranks each token's experts live on. The layer's all-to-all sends one row per
+(token, expert) assignment, so its bytes do not shrink; what shrinks is the ranks each token
+reaches and the volume of an exchange that sends a token once per destination rank
+(DeepSeek-V3's node-limited dispatch). Both are printed for the EP=2 run and, from routing
+alone, for P = 4 and 8 with a learned (untrained) router.
+
     python benchmarks/expert_parallel.py --quick
     python benchmarks/expert_parallel.py --json results/expert_parallel.json
 """
@@ -39,11 +46,48 @@ from modalmoe.moe import build_moe_layer
 from modalmoe.moe.parallel import predicted_volume, shard_experts
 
 
-def make_layer(args, uniform: bool):
+def make_layer(args, uniform: bool, groups: tuple[int, int] | None = None):
     torch.manual_seed(0)
+    options = {} if groups is None else {"expert_groups": groups[0], "limited_groups": groups[1]}
     return build_moe_layer(
-        dim=args.dim, hidden=args.hidden, num_experts=args.experts, k=args.k, activation="gelu", uniform=uniform
+        dim=args.dim,
+        hidden=args.hidden,
+        num_experts=args.experts,
+        k=args.k,
+        activation="gelu",
+        uniform=uniform,
+        router_options=options,
     )
+
+
+def reach(index: torch.Tensor, experts: int, ranks: int, rank: int) -> tuple[float, float]:
+    """(mean ranks a token's experts live on, mean *remote* ranks per token: the rows a
+    once-per-rank exchange sends) for chosen experts ``index`` [T, k] over ``ranks`` equal shards."""
+    owner = index // (experts // ranks)
+    hit = torch.zeros(index.shape[0], ranks, dtype=torch.bool).scatter_(1, owner, True)
+    return float(hit.sum(1).float().mean()), float(hit.sum(1).sub(hit[:, rank].long()).float().mean())
+
+
+def group_reach(args) -> dict:
+    """Ranks reached per token, plain vs group-limited (1 group kept, and P/2), from routing
+    alone (no processes): E = 8 experts per rank, k = args.k * P / 2 at most 8."""
+    out = {}
+    for ranks in (2, 4, 8):
+        experts, k = 8 * ranks, min(8, max(args.k, ranks))
+        x = torch.randn(args.tokens, args.dim, generator=torch.Generator().manual_seed(7))
+        zeros = torch.zeros(args.tokens, dtype=torch.long)
+        row = {}
+        for limited in (None, max(1, ranks // 2), 1):
+            if limited is not None and limited * 8 < k:
+                continue
+            torch.manual_seed(0)
+            options = {} if limited is None else {"expert_groups": ranks, "limited_groups": limited}
+            layer = build_moe_layer(dim=args.dim, hidden=8, num_experts=experts, k=k, router_options=options)
+            with torch.no_grad():
+                index = layer.router(x, zeros, zeros).expert_index
+            row["plain" if limited is None else f"limited={limited}"] = reach(index, experts, ranks, 0)
+        out[f"P={ranks} E={experts} k={k}"] = row
+    return out
 
 
 def tokens(args, rank: int) -> torch.Tensor:
@@ -104,8 +148,9 @@ def worker(args) -> None:
     dist.init_process_group("gloo")
     rank, size = dist.get_rank(), dist.get_world_size()
     out = {}
-    for routing in ("uniform", "learned"):
-        layer = make_layer(args, uniform=routing == "uniform")
+    for routing in ("uniform", "learned", "group-limited"):
+        limited = (size, 1) if routing == "group-limited" else None  # one group per rank, keep 1
+        layer = make_layer(args, uniform=routing == "uniform", groups=limited)
         shard_experts(layer)
         x = tokens(args, rank)
         with Wire() as wire:
@@ -115,12 +160,14 @@ def worker(args) -> None:
             if routing == "uniform":
                 index = torch.arange(index.numel()).view_as(index) % args.experts
             remote = int((index // (args.experts // size) != rank).sum())
-        sent = torch.tensor([wire.rows_bytes, wire.count_bytes, remote], dtype=torch.float64)
+            ranks_reached, remote_ranks = reach(index, args.experts, size, rank)
+        sent = torch.tensor([wire.rows_bytes, wire.count_bytes, remote, remote_ranks], dtype=torch.float64)
         times = time_steps(layer, x, args, sync=True)
         out[routing] = dict(
             rows_bytes=wire.rows_bytes,
             count_bytes=wire.count_bytes,
             remote_assignments=remote,
+            ranks_reached=ranks_reached,
             seconds=statistics.median(times),
         )
         dist.all_reduce(sent)  # sums over ranks
@@ -128,6 +175,8 @@ def worker(args) -> None:
         # A rank sends its remote rows (dispatch) and the other ranks' rows back (combine), and
         # the backward sends both again: 4 * (mean remote assignments) * row bytes per rank.
         out[routing]["exact_mean_bytes"] = 4 * float(sent[2]) / size * args.dim * x.element_size()
+        # A once-per-rank exchange sends each token once to each remote rank it reaches.
+        out[routing]["dedup_mean_bytes"] = 4 * float(sent[3]) / size * args.tokens * args.dim * x.element_size()
     if rank == 0:
         Path(args.worker_out).write_text(json.dumps(out))
     dist.destroy_process_group()
@@ -179,6 +228,7 @@ def main() -> None:
         "ep2_tokens_per_s": {r: global_tokens / ep2[r]["seconds"] for r in ep2},
         "cost_model_bytes_per_rank": model,
         "measured": ep2,
+        "group_reach": group_reach(args),
     }
     print(f"T={args.tokens} tokens/rank, D={args.dim}, F={args.hidden}, E={args.experts}, k={args.k}, float32")
     best = max(report["ep1_tokens_per_s"].values())
@@ -194,6 +244,17 @@ def main() -> None:
             f"measured/model {m['mean_rows_bytes'] / model:.4f}; exact from the routing's split sizes "
             f"{m['exact_mean_bytes']:,.0f} B -> measured/exact {m['mean_rows_bytes'] / m['exact_mean_bytes']:.4f}"
         )
+    plain, limited = ep2["learned"], ep2["group-limited"]
+    print(
+        f"group-limited routing (expert_groups=2, limited_groups=1) vs plain, EP=2: ranks reached per token "
+        f"{limited['ranks_reached']:.2f} vs {plain['ranks_reached']:.2f}; rows on the wire (one per assignment) "
+        f"{limited['mean_rows_bytes'] / plain['mean_rows_bytes']:.3f}x; a once-per-rank exchange would send "
+        f"{limited['dedup_mean_bytes'] / plain['dedup_mean_bytes']:.3f}x"
+    )
+    print("ranks a token reaches (mean; remote ranks in brackets), routing only:")
+    for setting, row in report["group_reach"].items():
+        shown = ", ".join(f"{name} {r:.2f} ({remote:.2f})" for name, (r, remote) in row.items())
+        print(f"    {setting}: {shown}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
