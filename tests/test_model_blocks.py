@@ -10,7 +10,7 @@ from modalmoe.moe import routers
 
 
 def router_kwargs(name: str) -> dict:
-    if name in ("modality_experts", "per_modality", "hierarchical"):
+    if name in ("modality_experts", "per_modality", "hierarchical", "modality_combination"):
         return {"modalities": ("a", "b")}
     if name == "token_choice":
         return {"k": 2}

@@ -235,7 +235,7 @@ def test_the_layer_prioritises_by_top_gate_weight():
     )
     x = torch.randn(40, D)
     rec = layer(x).record
-    weight = rec.weight.squeeze(1)
+    weight = rec.weight.detach().squeeze(1)
     for expert in range(4):
         mine = rec.expert_index.squeeze(1) == expert
         kept, dropped = mine & ~rec.dropped.squeeze(1), mine & rec.dropped.squeeze(1)

@@ -16,6 +16,7 @@ OPTIONS = {
     "expert_choice": {"experts_per_token": 2.0},
     "per_task": {"tasks": ("t1", "t2")},
     "task_film": {"tasks": ("t1", "t2")},
+    "modality_combination": {"modalities": ("a", "b")},
 }
 
 
@@ -43,7 +44,16 @@ def chosen(record):
 
 
 def test_the_masked_routers_are_the_top_k_routers():
-    assert set(MASKED) == {"token_choice", "expert_choice", "per_modality", "per_task", "task_film"}
+    assert set(MASKED) == {
+        "token_choice",
+        "expert_choice",
+        "per_modality",
+        "per_task",
+        "task_film",
+        "top_p",
+        "noisy_top_k",
+        "modality_combination",
+    }
 
 
 @pytest.mark.parametrize("router", MASKED)
@@ -83,7 +93,10 @@ def test_without_reservations_routing_is_bit_identical_to_the_plain_layer(router
     plain, empty = layer(router, seed=1), layer(router, seed=1, reserved={"modality": (("a", "b"), {})})
     assert not empty.masks
     task = {"task": torch.arange(50) % 2} if plain.router.accepts_task else {}
-    a, b = plain(x, modality=modality, **task), empty(x, modality=modality, **task)
+    torch.manual_seed(2)  # the same noise for routers that draw some in training (noisy top-k)
+    a = plain(x, modality=modality, **task)
+    torch.manual_seed(2)
+    b = empty(x, modality=modality, **task)
     assert torch.equal(a.x, b.x) and torch.equal(a.record.expert_index, b.record.expert_index)
     assert torch.equal(a.record.valid, b.record.valid) and torch.equal(a.record.weight, b.record.weight)
 

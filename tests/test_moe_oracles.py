@@ -72,6 +72,8 @@ ORACLE_ROUTER_KWARGS = {
     "hierarchical": {"modalities": MODALITIES, "groups": 2, "k": 2},
     "per_task": {"tasks": ("only",), "k": 2},
     "task_film": {"tasks": ("only",), "k": 2},
+    "modality_combination": {"modalities": MODALITIES, "k": 2},
+    "top_p": {"p": 0.8, "null_experts": 2},  # invalid (null) choices reach the oracle too
 }
 
 
@@ -177,7 +179,11 @@ def test_fallback_layout_cost_model_picks_block_for_balanced_and_tail_for_skew()
 
 def test_gradients_reach_router_weights():
     for name in routers.names():
-        kw = {"modalities": ("a", "b")} if name in ("modality_experts", "per_modality", "hierarchical") else {}
+        kw = (
+            {"modalities": ("a", "b")}
+            if name in ("modality_experts", "per_modality", "hierarchical", "modality_combination")
+            else {}
+        )
         kw = {"tasks": ("only",)} if name in ("per_task", "task_film") else kw
         torch.manual_seed(3)
         layer = build_moe_layer(dim=D, hidden=H, num_experts=4, router=name, **kw)
@@ -185,7 +191,9 @@ def test_gradients_reach_router_weights():
         out = layer(x, torch.randint(0, 2, (3, 5)))
         loss = out.x.square().sum() + sum(out.aux_losses.values())
         loss.backward()
-        grads = [p.grad for n, p in layer.router.named_parameters() if n != "scale"]
+        # modality_combination's bias MLP starts at exactly 0 (the router starts as token choice),
+        # so its first layer gets no gradient at step 0; its last layer does.
+        grads = [p.grad for n, p in layer.router.named_parameters() if n not in ("scale", "combo_in", "combo_in_bias")]
         assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), name
 
 

@@ -17,7 +17,11 @@ MODALITIES = ("image", "text")
 def router_kwargs(name: str) -> dict:
     if name in ("per_task", "task_film"):  # declared over one task, they run without task ids
         return {"tasks": ("only",)}
-    return {"modalities": MODALITIES} if name in ("modality_experts", "per_modality", "hierarchical") else {}
+    return (
+        {"modalities": MODALITIES}
+        if name in ("modality_experts", "per_modality", "hierarchical", "modality_combination")
+        else {}
+    )
 
 
 @pytest.mark.parametrize("name", routers.names())

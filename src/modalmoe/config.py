@@ -338,6 +338,17 @@ class ModelConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _present_set_router_needs_mask(self) -> ModelConfig:
+        known = registry.family("router")
+        router = known.get(self.moe.router) if known is not None and self.moe.router in known else None
+        if self.moe.every and self.missing.strategy == "bank" and getattr(router, "reads_present_set", False):
+            raise ValueError(
+                f"router {self.moe.router!r} routes by the modalities each sample has, but missing.strategy 'bank' "
+                "gives absent modalities tokens, so every sample would look complete; use missing.strategy 'mask'"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:
         if self.dim % self.heads:
             raise ValueError(f"dim={self.dim} must be a multiple of heads={self.heads}")

@@ -96,4 +96,4 @@ def plan_cells(suite: SuiteConfig) -> list[Cell]:
 
 
 # Registration happens on import; these imports must follow the registry's creation.
-from modalmoe.bench import capacity, designs, lifelong, sequence, specialists, upcycling  # noqa: E402, F401
+from modalmoe.bench import capacity, designs, lifelong, routing_table, sequence, specialists, upcycling  # noqa: E402, F401

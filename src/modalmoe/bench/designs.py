@@ -18,6 +18,7 @@ from pathlib import Path
 
 from modalmoe.bench.cells import planners
 from modalmoe.bench.compute import match_compute, reference_budget
+from modalmoe.bench.routing_table import routing_fields
 from modalmoe.bench.suites import LOGREG, SuiteConfig, task_label
 from modalmoe.bench.training import (
     cell_config,
@@ -99,6 +100,7 @@ class DesignCell:
             "variants": variants,  # the runner stores each as its own record
             "skipped_variants": skipped,
             **trained_fields(cfg, run_dir, out, result, report, model, task),
+            "routing": routing_fields(model, task.test),
             "matched": matched,
             "train_seconds": round(train_seconds, 3),
             "eval_seconds": round(eval_seconds, 3),

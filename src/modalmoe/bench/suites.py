@@ -349,6 +349,8 @@ class SuiteConfig(_Strict):
             mixture's training batches over the member's; label ``specialists/<design>@steps``).
         sweeps: capacity curves over ``tasks`` (``Sweep``), run over ``seeds`` at the task's
             budget.
+        routing_table: add the "Routing" section (``bench/routing_table.py``): each MoE design's
+            expert load, dropped share, experts per token (by modality) and FLOPs spent.
     """
 
     name: str
@@ -372,6 +374,7 @@ class SuiteConfig(_Strict):
     specialists: list[str] = Field(default_factory=list)
     specialist_budgets: list[Literal["epochs", "steps"]] = Field(default_factory=lambda: ["epochs"], min_length=1)
     sweeps: list[Sweep] = Field(default_factory=list)
+    routing_table: bool = False
 
     @model_validator(mode="after")
     def _known_parts(self) -> SuiteConfig:

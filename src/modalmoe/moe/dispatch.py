@@ -126,6 +126,7 @@ def uniform_routing(routing: Routing) -> Routing:
         weight=routing.probs.gather(1, index),
         probs=routing.probs,
         logits=routing.logits,
+        aux=routing.aux,
     )
 
 

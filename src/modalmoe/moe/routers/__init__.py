@@ -12,12 +12,15 @@ routers = Registry("router")
 from modalmoe.moe.routers import (  # noqa: E402, F401
     expert_choice,
     hierarchical,
+    modality_combination,
     modality_experts,
+    noisy_top_k,
     per_modality,
     per_task,
     soft,
     task_film,
     token_choice,
+    top_p,
 )
 from modalmoe.moe.routers.base import Router  # noqa: E402
 
