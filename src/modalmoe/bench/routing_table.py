@@ -73,11 +73,21 @@ def routing_fields(model, data) -> dict:
     }
 
 
-HEADER = ["design", "metric", "missing", "max/mean load", "dropped %", "experts/token", "MFLOPs", "by modality"]
+HEADER = [
+    "design",
+    "metric",
+    "missing",
+    "max/mean load",
+    "dropped %",
+    "experts/token",
+    "MFLOPs",
+    "by modality",
+    "by layer",
+]
 INTRO = (
     "Each MoE design's routing on the first test samples, mean over seeds (± std over seeds): max/mean expert "
     "load averaged over layers (1 = balanced), the share of assignments a capacity limit dropped, the experts a "
-    "token ran (mean over layers; per modality in the last column), and the forward FLOPs per sample the trained "
+    "token ran (mean over layers; per modality and per MoE layer in the last columns), and the forward FLOPs per sample the trained "
     "model actually spent (only experts that ran count). missing: the metric averaged over test runs with a "
     "modality missing."
 )
@@ -122,6 +132,10 @@ def routing_tables(records: list[dict]) -> dict[str, list[list[str]]]:
             for n in modalities
         }
         by_modality = ", ".join(f"{n} {v:.2f}" for n, v in spent.items())
+        depth = min(len(x.get("layers", [])) for x in routing)
+        by_layer = ", ".join(
+            f"L{i} {statistics.mean(x['layers'][i]['experts_per_token'] for x in routing):.2f}" for i in range(depth)
+        )
         tables[task].append(
             [
                 design,
@@ -130,8 +144,9 @@ def routing_tables(records: list[dict]) -> dict[str, list[list[str]]]:
                 _mean_std([x.get("max_mean_load") for x in routing]),
                 _mean_std([100 * x["dropped"] for x in routing], 1),
                 _mean_std([x["experts_per_token"] for x in routing]),
-                _mean_std([r["flops"] / 1e6 for r in recs if r.get("flops") is not None]),
+                _mean_std([r["flops"] / 1e6 for r in recs if r.get("flops") is not None], 3),
                 by_modality,
+                by_layer,
             ]
         )
     return {task: sorted(rows) for task, rows in sorted(tables.items())}
@@ -148,7 +163,7 @@ class RoutingSection:
             return ""
         lines = ["", "## Routing", "", INTRO, ""]
         for task, rows in self.tables.items():
-            lines += [f"### {task}", "", *markdown_table(HEADER, rows, left=(0, 7)), ""]
+            lines += [f"### {task}", "", *markdown_table(HEADER, rows, left=(0, 7, 8)), ""]
         return "\n".join(lines)
 
     def print(self, console: Console) -> None:
