@@ -242,3 +242,24 @@ def test_the_layer_prioritises_by_top_gate_weight():
         if dropped.any() and kept.any():
             assert float(weight[kept].min()) >= float(weight[dropped].max())
     assert rec.num_dropped > 0
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"bias_rate": 0.01},
+        {"expert_groups": 3, "limited_groups": 1},
+        {"bias_rate": 0.01, "expert_groups": 3, "limited_groups": 2},
+    ],
+)
+def test_dropless_dispatch_equals_the_naive_loop_with_the_deepseek_options(options):
+    from test_moe_oracles import naive_moe
+
+    torch.manual_seed(1)
+    layer = build_moe_layer(dim=D, hidden=24, num_experts=6, router="token_choice", k=2, router_options=options)
+    if layer.router.balance is not None:
+        layer.router.balance.bias.copy_(torch.linspace(-0.2, 0.2, 6))
+    x = torch.randn(37, D)
+    out = layer(x)
+    rec = out.record
+    torch.testing.assert_close(out.x, naive_moe(x, rec.expert_index, rec.weight, rec.valid, layer.experts))
