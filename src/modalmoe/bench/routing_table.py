@@ -83,13 +83,15 @@ HEADER = [
     "MFLOPs",
     "by modality",
     "by layer",
+    "without each modality",
 ]
 INTRO = (
-    "Each MoE design's routing on the first test samples, mean over seeds (± std over seeds): max/mean expert "
-    "load averaged over layers (1 = balanced), the share of assignments a capacity limit dropped, the experts a "
-    "token ran (mean over layers; per modality and per MoE layer in the last columns), and the forward FLOPs per sample the trained "
-    "model actually spent (only experts that ran count). missing: the metric averaged over test runs with a "
-    "modality missing."
+    "Each MoE design's routing on the first test samples, mean over seeds (± std over seeds): max/mean "
+    "expert load averaged over layers (1 = balanced), the share of assignments a capacity limit dropped, "
+    "the experts a token ran (mean over layers; per modality and per MoE layer in later columns), and the "
+    "forward FLOPs per sample the trained model actually spent (only experts that ran count). missing: the "
+    "metric averaged over test runs with a modality missing; without each modality: the metric with only "
+    "that one missing."
 )
 
 
@@ -100,6 +102,18 @@ def _mean_std(values: list[float], digits: int = 2) -> str:
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def _without_each(record: dict, metric: str) -> dict[str, float]:
+    """Modality -> the metric with only that modality missing (the subsets one short)."""
+    ev = record.get("evaluation") or {}
+    every = ev.get("modalities", [])
+    out = {}
+    for s in ev.get("subsets", []):
+        absent = sorted(set(every) - set(s["modalities"]))
+        if len(absent) == 1 and s["metrics"].get(metric) is not None:
+            out[absent[0]] = s["metrics"][metric]
+    return out
 
 
 def _missing(record: dict, metric: str) -> float | None:
@@ -136,6 +150,11 @@ def routing_tables(records: list[dict]) -> dict[str, list[list[str]]]:
         by_layer = ", ".join(
             f"L{i} {statistics.mean(x['layers'][i]['experts_per_token'] for x in routing):.2f}" for i in range(depth)
         )
+        dropped_one = defaultdict(list)
+        for r in recs:
+            for n, v in _without_each(r, metric).items():
+                dropped_one[n].append(v * k)
+        without = ", ".join(f"{n} {statistics.mean(v):.1f}" for n, v in sorted(dropped_one.items()))
         tables[task].append(
             [
                 design,
@@ -147,6 +166,7 @@ def routing_tables(records: list[dict]) -> dict[str, list[list[str]]]:
                 _mean_std([r["flops"] / 1e6 for r in recs if r.get("flops") is not None], 3),
                 by_modality,
                 by_layer,
+                without,
             ]
         )
     return {task: sorted(rows) for task, rows in sorted(tables.items())}
@@ -163,7 +183,7 @@ class RoutingSection:
             return ""
         lines = ["", "## Routing", "", INTRO, ""]
         for task, rows in self.tables.items():
-            lines += [f"### {task}", "", *markdown_table(HEADER, rows, left=(0, 7, 8)), ""]
+            lines += [f"### {task}", "", *markdown_table(HEADER, rows, left=(0, 7, 8, 9)), ""]
         return "\n".join(lines)
 
     def print(self, console: Console) -> None:
