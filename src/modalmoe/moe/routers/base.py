@@ -44,6 +44,12 @@ class Router(nn.Module):
     #: Whether ``forward`` takes ``allowed`` [T, E] (an expert mask, ``modalmoe.moe.masks``).
     accepts_mask: bool = False
 
+    #: Whether the number of experts a token runs depends on its routing (top-p, null experts):
+    #: the FLOPs then follow what the router learns, and matching designs by the FLOPs of an
+    #: untrained router measures its first guess; compare such designs at equal parameters
+    #: (a suite's ``match_designs: {<design>: {match: params, like: token-choice}}``).
+    adaptive: bool = False
+
     #: Names of the auxiliary losses this router computes itself and returns in
     #: ``Routing.aux`` (every pass), beside the layer's ``modalmoe.moe.losses``; the trainer
     #: weights them through ``train.aux_weights`` like the others.

@@ -101,6 +101,7 @@ class TopPRouter(Router):
     """
 
     accepts_mask = True
+    adaptive = True  # the experts per token follow the router: compare at equal parameters
 
     def __init__(
         self,
