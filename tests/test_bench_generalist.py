@@ -55,6 +55,8 @@ def test_the_generalist_smoke_suite_runs_end_to_end(smoke):
     ]
     # the parameter-matched control has token choice's parameters and spends more FLOPs
     wide, moe = by[("dense-wide", 0)], by[("token-choice", 0)]
+    # the routing statistics route the first samples of every member alike
+    assert {n.split("/")[0] for n in moe["routing"]["experts_per_token_by_modality"]} == {"redundant", "unique"}
     assert wide["matched"]["mode"] == "params" and wide["matched"]["like"] == "token-choice"
     assert abs(wide["params"] - moe["params"]) / moe["params"] < suite.tolerance
     assert wide["flops"] > 1.1 * generalist["flops"]

@@ -23,16 +23,20 @@ from modalmoe.analysis.report import collect
 from modalmoe.analysis.routing import drop_rate, kept, tokens_per_expert
 from modalmoe.bench.suites import SuiteConfig
 from modalmoe.bench.tables import markdown_table, scale, sections, terminal_table
+from modalmoe.bench.training import cost_rows
 from modalmoe.moe.layer import MoELayer
 
-SAMPLES = 512  # test samples routed for the statistics (the first ones: the same for every design)
+SAMPLES = 512  # test samples routed for the statistics (the first ones, of every member of a
+# task mixture alike: the same for every design)
 
 
 def routing_fields(model, data) -> dict:
     """The ``routing`` field of a trained cell's record ({} for a dense model)."""
     if not any(isinstance(m, MoELayer) for m in model.modules()):
         return {}
-    if len(data) > SAMPLES:
+    if "task" in data.extras:  # a task mixture: the first samples of every member alike
+        data = data.subset(cost_rows(data, SAMPLES))
+    elif len(data) > SAMPLES:
         data = data.subset(torch.arange(SAMPLES))
     records = collect(model, data).records
     if not records:
