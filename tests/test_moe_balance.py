@@ -15,6 +15,7 @@ from modalmoe.moe.balance import ExpertBias, balance_keys, update_biases
 from modalmoe.moe.losses import load_balance_loss, sequence_balance_loss
 from modalmoe.moe.types import RoutingRecord
 from modalmoe.train import Trainer, load_checkpoint
+from test_moe_oracles import naive_moe
 
 D = 16
 
@@ -253,8 +254,6 @@ def test_the_layer_prioritises_by_top_gate_weight():
     ],
 )
 def test_dropless_dispatch_equals_the_naive_loop_with_the_deepseek_options(options):
-    from test_moe_oracles import naive_moe
-
     torch.manual_seed(1)
     layer = build_moe_layer(dim=D, hidden=24, num_experts=6, router="token_choice", k=2, router_options=options)
     if layer.router.balance is not None:

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from modalmoe.config import ModelConfig
 from modalmoe.data.tasks import load_task
 from modalmoe.model import build_model
-from modalmoe.moe import ExpertBank, build_moe_layer, routers
+from modalmoe.moe import build_moe_layer, routers
 from modalmoe.moe.routers.modality_combination import present_sets
 from modalmoe.run import head_outputs
+from test_moe_oracles import naive_moe  # the per-expert loop every dispatch oracle shares
 
 D, H, E = 16, 24, 8
 MODALITIES = ("image", "text", "audio")
@@ -222,18 +223,6 @@ def test_keep_experts_keeps_the_same_rows_of_every_per_expert_parameter(mode):
 # --- inside the MoE layer and a model --------------------------------------------------------------
 
 
-def naive_moe(x, expert_index, weight, bank: ExpertBank):
-    """The per-expert loop a reader can check by eye."""
-    out = torch.zeros_like(x)
-    for t in range(x.shape[0]):
-        for j in range(expert_index.shape[1]):
-            e = int(expert_index[t, j])
-            h = x[t] @ bank.w_in[e]
-            a = F.silu(h.chunk(2)[0]) * h.chunk(2)[1] if bank.activation == "swiglu" else F.gelu(h)
-            out[t] = out[t] + weight[t, j] * (a @ bank.w_out[e])
-    return out
-
-
 @pytest.mark.parametrize("mode", ["bias", "sample"])
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_dropless_dispatch_equals_naive_loop(mode, activation):
@@ -252,7 +241,7 @@ def test_dropless_dispatch_equals_naive_loop(mode, activation):
     out = layer(x, modality, sample)
     rec = out.record
     assert rec.valid.all() and not rec.dropped.any()
-    ref = naive_moe(x.detach(), rec.expert_index, rec.weight.detach(), layer.experts)
+    ref = naive_moe(x.detach(), rec.expert_index, rec.weight.detach(), rec.valid, layer.experts)
     torch.testing.assert_close(out.x, ref, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(ref)
     params = [layer.experts.w_in, layer.experts.w_out]

@@ -14,6 +14,7 @@ from modalmoe.moe import build_moe_layer, routers
 from modalmoe.moe.losses import AUX_LOSSES
 from modalmoe.moe.routers.noisy_top_k import cv_squared, kth_excluding, load_probability, noisy_top_k_gating
 from modalmoe.train import Trainer
+from test_moe_oracles import naive_moe  # the per-expert loop every dispatch oracle shares
 
 D, H = 8, 16
 LOSSES = {"importance", "noisy_load"}
@@ -262,18 +263,6 @@ def test_the_layer_returns_the_routers_losses_beside_its_own():
     assert LOSSES <= set(out.aux_losses) and all(torch.isfinite(out.aux_losses[n]) for n in LOSSES)
 
 
-def naive_moe(x, expert_index, weight, bank):
-    """Each token through each of its chosen experts, one at a time."""
-    out = torch.zeros_like(x)
-    for t in range(x.shape[0]):
-        for j in range(expert_index.shape[1]):
-            e = int(expert_index[t, j])
-            h = x[t] @ bank.w_in[e]
-            a = F.silu(h.chunk(2)[0]) * h.chunk(2)[1] if bank.activation == "swiglu" else F.gelu(h)
-            out[t] = out[t] + weight[t, j] * (a @ bank.w_out[e])
-    return out
-
-
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_dropless_dispatch_equals_a_naive_loop(training, activation):
@@ -283,7 +272,7 @@ def test_dropless_dispatch_equals_a_naive_loop(training, activation):
     x = torch.randn(23, D)
     out = layer(x)
     rec = out.record
-    ref = naive_moe(x, rec.expert_index, rec.weight, layer.experts)
+    ref = naive_moe(x, rec.expert_index, rec.weight, rec.valid, layer.experts)
     torch.testing.assert_close(out.x, ref, rtol=1e-5, atol=1e-5)
     params = [layer.experts.w_in, layer.experts.w_out, layer.router.weight]
     g = torch.randn_like(ref)

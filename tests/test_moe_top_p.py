@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from modalmoe.data.tasks import load_task
 from modalmoe.model import build_model
 from modalmoe.model.presets import get_preset
-from modalmoe.moe import ExpertBank, build_moe_layer, plan_dispatch, routers
+from modalmoe.moe import build_moe_layer, plan_dispatch, routers
 from modalmoe.moe.routers.top_p import MASS_TOLERANCE, TopPRouter
+from test_moe_oracles import naive_moe  # the per-expert loop every dispatch oracle shares
 
 D, H, E = 8, 16, 5
 
@@ -220,23 +221,6 @@ def test_a_token_routed_only_to_null_experts_comes_out_as_zero_and_runs_no_exper
     again = layer(x).record
     hook.remove()
     assert rows == [int(again.valid.sum())] and rows[0] > int(record.valid.sum())
-
-
-def naive_moe(x, expert_index, weight, valid, bank: ExpertBank):
-    """The per-expert loop a reader can check by eye."""
-    out = torch.zeros_like(x)
-    for t in range(x.shape[0]):
-        for j in range(expert_index.shape[1]):
-            if valid[t, j]:
-                e = int(expert_index[t, j])
-                h = x[t] @ bank.w_in[e]
-                if bank.activation == "swiglu":
-                    gate, up = h.chunk(2)
-                    a = F.silu(gate) * up
-                else:
-                    a = F.gelu(h)
-                out[t] = out[t] + weight[t, j] * (a @ bank.w_out[e])
-    return out
 
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
